@@ -1,0 +1,1 @@
+//! Host NUMA topology, vNUMA layout planning and pinning plans.

@@ -1,0 +1,2 @@
+//! The built-in guest.
+#![cfg_attr(not(test), no_std)]

@@ -1,0 +1,1 @@
+//! A KVM virtual machine monitor with vNUMA and pinning.
