@@ -255,29 +255,9 @@ impl AcpiTables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use numa::{GuestRange, Vnode};
+    use crate::test_utils::layout;
     use vmm_guest::abi::Topology;
     use vmm_guest::acpi::{read_topology, SliceMem};
-
-    pub(crate) fn layout(vnodes: &[(Vec<u32>, &[(u64, u64)])], distances: Vec<Vec<u8>>) -> Layout {
-        Layout {
-            vnodes: vnodes
-                .iter()
-                .enumerate()
-                .map(|(i, (vcpus, ranges))| Vnode {
-                    id: i as u32,
-                    vcpus: vcpus.clone(),
-                    memory_bytes: ranges.iter().map(|r| r.1 - r.0).sum(),
-                    host_node: 0,
-                    ranges: ranges
-                        .iter()
-                        .map(|&(start, end)| GuestRange { start, end })
-                        .collect(),
-                })
-                .collect(),
-            distances,
-        }
-    }
 
     fn read_back(tables: &AcpiTables) -> Topology {
         let image = tables.image();

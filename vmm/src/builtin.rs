@@ -321,7 +321,7 @@ pub fn exception_name(vector: u32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acpi::tests::layout;
+    use crate::test_utils::layout;
 
     #[test]
     fn image_is_an_elf_linked_at_the_image_address() {

@@ -121,7 +121,7 @@ impl CpuTopology {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acpi::tests::layout;
+    use crate::test_utils::layout;
 
     #[test]
     fn apic_ids_pack_vnodes_as_packages() {

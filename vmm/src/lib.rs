@@ -1,1 +1,18 @@
-//! A KVM virtual machine monitor with vNUMA and pinning.
+//! A KVM virtual machine monitor that gives guests a vNUMA shape and pins them to host cores.
+//!
+//! One run: the CLI's [`VmConfig`] goes to `numa`, which reads the host topology and plans the
+//! vNUMA [`numa::Layout`] and the pin plan; [`Vmm`] builds the VM from that one layout (guest RAM
+//! per vnode bound to its host node, ACPI tables and CPUID derived from it, vCPU threads pinned as
+//! planned), runs the guest, and returns its [`RunReport`] for printing.
+
+pub mod acpi;
+pub mod builtin;
+pub mod cpuid;
+pub mod memory;
+#[cfg(test)]
+mod test_utils;
+
+pub use acpi::{AcpiError, AcpiTables};
+pub use builtin::BuiltinError;
+pub use cpuid::{CpuTopology, CpuidError};
+pub use memory::{Backing, GuestRam, MemoryError, Placement};

@@ -319,7 +319,7 @@ pub fn ranges(layout: &Layout) -> Vec<(u32, GuestRange)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acpi::tests::layout;
+    use crate::test_utils::layout;
     use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
