@@ -1,0 +1,296 @@
+//! The vCPU threads: each pins itself as planned, runs `KVM_RUN` in a loop, serves the serial port
+//! and the built-in guest's report port, and tells the main thread what happened over a channel.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_superio::{Serial, Trigger};
+use vmm_guest::abi::{
+    MessageHeader, MessageKind, StreamSummary, Topology, VcpuStream, EXCEPTION_FLAG, MAILBOX_GPA,
+    MAILBOX_STRIDE, PORT_COM1, PORT_REPORT,
+};
+
+use crate::builtin::{exception_name, pushes_error_code};
+use crate::ratelimit::RateLimit;
+
+/// Errors that end a vCPU.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_RUN failed.
+    #[error("vCPU {0}: KVM_RUN failed: {1}")]
+    Run(u32, String),
+    /// The guest took an exception it cannot handle.
+    #[error("vCPU {vcpu}: guest exception {vector} ({name}) at rip {rip:#x}, error code {error_code:#x}, cr2 {cr2:#x}")]
+    GuestException {
+        /// The vCPU.
+        vcpu: u32,
+        /// Exception vector.
+        vector: u32,
+        /// Its name.
+        name: &'static str,
+        /// Faulting instruction.
+        rip: u64,
+        /// Error code (0 when the vector has none).
+        error_code: u64,
+        /// Faulting address for page faults.
+        cr2: u64,
+    },
+    /// An exit the VMM does not expect from this guest.
+    #[error("vCPU {0}: unexpected exit: {1}")]
+    UnexpectedExit(u32, String),
+    /// A report the VMM cannot decode.
+    #[error("vCPU {0}: bad report: {1}")]
+    BadReport(u32, String),
+    /// Pinning the thread failed.
+    #[error("vCPU {0}: cannot pin to host CPU {1}: {2}")]
+    Pin(u32, u32, String),
+}
+
+/// A decoded report from the built-in guest.
+#[derive(Debug, Clone)]
+pub enum Report {
+    /// What the guest read from ACPI.
+    Topology(Box<Topology>),
+    /// One vCPU's STREAM result.
+    VcpuStream(VcpuStream),
+    /// Per-vnode and total results.
+    Summary(Box<StreamSummary>),
+    /// The guest gave up.
+    Fatal(String),
+}
+
+/// What a vCPU thread tells the main thread.
+#[derive(Debug)]
+pub enum Event {
+    /// The thread is running (after pinning): its kernel thread id and allowed CPUs.
+    Started {
+        /// The vCPU.
+        vcpu: u32,
+        /// Kernel thread id.
+        tid: i32,
+        /// CPUs the thread may run on, read back after pinning.
+        cpus: Vec<u32>,
+    },
+    /// A report from the guest.
+    Report(u32, Report),
+    /// The vCPU stopped: `Ok(status)` when the guest said it was done, `Ok(None)` when stopped
+    /// from outside.
+    Exited(u32, Result<Option<u32>, VcpuError>),
+    /// SIGINT or SIGTERM arrived.
+    Signal(i32),
+}
+
+/// The serial device never raises an interrupt for the built-in guest (no irqchip).
+#[derive(Debug)]
+pub struct NoInterrupt;
+
+impl Trigger for NoInterrupt {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+/// Console output that remembers when the guest first wrote to it.
+pub struct ConsoleOut {
+    out: Box<dyn Write + Send>,
+    first: Arc<OnceLock<Instant>>,
+}
+
+impl ConsoleOut {
+    /// Wraps `out`; `first` receives the time of the first byte.
+    pub fn new(out: Box<dyn Write + Send>, first: Arc<OnceLock<Instant>>) -> Self {
+        Self { out, first }
+    }
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.first.get_or_init(Instant::now);
+        let n = self.out.write(buf)?;
+        // One byte per exit: flush at line ends so the console reads as it happens.
+        if buf.contains(&b'\n') {
+            self.out.flush()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The shared COM1.
+pub type Console = Arc<Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleOut>>>;
+
+/// Everything a vCPU thread needs besides its fd.
+pub struct VcpuContext {
+    /// The vCPU index.
+    pub index: u32,
+    /// Host CPU to pin to, if pinning.
+    pub pin: Option<u32>,
+    /// Guest memory (mailboxes, exception frames).
+    pub mem: GuestMemoryMmap,
+    /// COM1.
+    pub console: Console,
+    /// Set to stop every vCPU.
+    pub stop: Arc<AtomicBool>,
+    /// To the main thread.
+    pub events: Sender<Event>,
+    /// Set at the first guest report (time to first output, with the console's first byte).
+    pub first_report: Arc<OnceLock<Instant>>,
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Body of a vCPU thread.
+pub fn run(mut fd: VcpuFd, ctx: VcpuContext) {
+    let me = ctx.index;
+    if let Some(cpu) = ctx.pin {
+        if let Err(e) = numa::set_thread_affinity(&[cpu]) {
+            let _ = ctx.events.send(Event::Exited(me, Err(VcpuError::Pin(me, cpu, e.to_string()))));
+            return;
+        }
+    }
+    let cpus = numa::thread_affinity().unwrap_or_default();
+    let _ = ctx.events.send(Event::Started {
+        vcpu: me,
+        tid: gettid(),
+        cpus,
+    });
+    let result = run_loop(&mut fd, &ctx);
+    let _ = ctx.events.send(Event::Exited(me, result));
+}
+
+fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<u32>, VcpuError> {
+    let me = ctx.index;
+    let mut odd_ports = RateLimit::new(5, std::time::Duration::from_secs(1));
+    loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match port {
+                PORT_REPORT => {
+                    let mut v = [0u8; 4];
+                    let n = data.len().min(4);
+                    v[..n].copy_from_slice(&data[..n]);
+                    let value = u32::from_le_bytes(v);
+                    if value & EXCEPTION_FLAG != 0 {
+                        return Err(exception(fd, me, &ctx.mem, value & 0xff));
+                    }
+                    if let Some(status) = report(ctx, value)? {
+                        return Ok(Some(status));
+                    }
+                }
+                p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
+                    let mut console = ctx.console.lock().expect("console lock");
+                    // Output errors (a closed pipe) must not stop the guest.
+                    let _ = console.write((p - PORT_COM1) as u8, data[0]);
+                }
+                p => {
+                    if odd_ports.allow() {
+                        log::warn!("vCPU {me}: write to unhandled port {p:#x} ignored");
+                    }
+                }
+            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if (PORT_COM1..PORT_COM1 + 8).contains(&port) {
+                    data[0] = ctx.console.lock().expect("console lock").read((port - PORT_COM1) as u8);
+                } else {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::Hlt) => return Err(VcpuError::UnexpectedExit(me, "HLT".into())),
+            Ok(VcpuExit::Shutdown) => {
+                return Err(VcpuError::UnexpectedExit(me, "shutdown (triple fault)".into()))
+            }
+            Ok(VcpuExit::InternalError) => {
+                let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Err(VcpuError::UnexpectedExit(
+                    me,
+                    format!("KVM internal error at rip {rip:#x}"),
+                ));
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(VcpuError::UnexpectedExit(
+                    me,
+                    format!("entry failed, reason {reason:#x} on host CPU {cpu}"),
+                ))
+            }
+            Ok(VcpuExit::MmioRead(addr, _)) | Ok(VcpuExit::MmioWrite(addr, _)) => {
+                return Err(VcpuError::UnexpectedExit(
+                    me,
+                    format!("access to {addr:#x}, outside guest RAM"),
+                ))
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => return Err(VcpuError::UnexpectedExit(me, format!("{other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(VcpuError::Run(me, e.to_string())),
+        }
+    }
+}
+
+/// Reads and forwards the message in mailbox `slot`; `Some(status)` when it says Done.
+fn report(ctx: &VcpuContext, slot: u32) -> Result<Option<u32>, VcpuError> {
+    let me = ctx.index;
+    let bad = |what: String| VcpuError::BadReport(me, what);
+    if slot != me {
+        return Err(bad(format!("report for vCPU {slot} from vCPU {me}")));
+    }
+    ctx.first_report.get_or_init(Instant::now);
+    let mut buf = vec![0u8; MAILBOX_STRIDE as usize];
+    ctx.mem
+        .read_slice(&mut buf, GuestAddress(MAILBOX_GPA + u64::from(slot) * MAILBOX_STRIDE))
+        .map_err(|e| bad(e.to_string()))?;
+    let (head, payload) = MessageHeader::read_message(&buf).map_err(|e| bad(e.to_string()))?;
+    let decoded = match head.kind {
+        MessageKind::Topology => Report::Topology(Box::new(
+            Topology::read(payload).map_err(|e| bad(e.to_string()))?,
+        )),
+        MessageKind::VcpuStream => {
+            Report::VcpuStream(VcpuStream::read(payload).map_err(|e| bad(e.to_string()))?)
+        }
+        MessageKind::StreamSummary => Report::Summary(Box::new(
+            StreamSummary::read(payload).map_err(|e| bad(e.to_string()))?,
+        )),
+        MessageKind::Fatal => Report::Fatal(String::from_utf8_lossy(payload).into_owned()),
+        MessageKind::Done => {
+            let status = payload
+                .get(..4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or_else(|| bad("short Done".into()))?;
+            return Ok(Some(status));
+        }
+    };
+    let _ = ctx.events.send(Event::Report(me, decoded));
+    Ok(None)
+}
+
+/// Describes an exception the stubs reported, from the frame on the CPL-0 stack.
+fn exception(fd: &VcpuFd, me: u32, mem: &GuestMemoryMmap, vector: u32) -> VcpuError {
+    let rsp = fd.get_regs().map(|r| r.rsp).unwrap_or(0);
+    let cr2 = fd.get_sregs().map(|s| s.cr2).unwrap_or(0);
+    let word = |at: u64| mem.read_obj::<u64>(GuestAddress(at)).unwrap_or(0);
+    let (error_code, rip) = if pushes_error_code(vector) {
+        (word(rsp), word(rsp + 8))
+    } else {
+        (0, word(rsp))
+    };
+    VcpuError::GuestException {
+        vcpu: me,
+        vector,
+        name: exception_name(vector),
+        rip,
+        error_code,
+        cr2,
+    }
+}
