@@ -3,43 +3,11 @@
 
 mod common;
 
-use common::{explicit, fixture, nodes, FIXTURES, GIB, HOLE, MIB};
+use common::{check_invariants, explicit, fixture, nodes, FIXTURES, GIB, HOLE, MIB};
 use numa::{
-    plan_layout, stream_memory_bytes, GuestRange, HostNode, HostTopology, Layout, LayoutError,
+    plan_layout, stream_memory_bytes, GuestRange, HostNode, HostTopology, LayoutError,
     LayoutRequest, VnodeSpec, ANY_HOST_NODE,
 };
-
-/// Checks what every layout must satisfy.
-fn check_invariants(layout: &Layout, hole: GuestRange) {
-    let n = layout.vcpu_count();
-    let mut seen = vec![false; n as usize];
-    for (i, v) in layout.vnodes.iter().enumerate() {
-        assert_eq!(v.id as usize, i);
-        assert!(!v.vcpus.is_empty());
-        for &c in &v.vcpus {
-            assert!(
-                !std::mem::replace(&mut seen[c as usize], true),
-                "vcpu {c} twice"
-            );
-            assert_eq!(layout.vnode_of_vcpu(c), Some(v.id));
-        }
-        assert_eq!(
-            v.ranges.iter().map(|r| r.len()).sum::<u64>(),
-            v.memory_bytes
-        );
-        for r in &v.ranges {
-            assert!(!r.is_empty() && r.start % 4096 == 0 && r.end % 4096 == 0);
-            assert!(!r.overlaps(&hole), "{r:?} overlaps the hole");
-        }
-    }
-    assert!(seen.iter().all(|&s| s));
-    assert_eq!(layout.vnode_of_vcpu(n), None);
-    let ranges: Vec<_> = layout.vnodes.iter().flat_map(|v| &v.ranges).collect();
-    assert_eq!(ranges.first().map(|r| r.start), Some(0));
-    for w in ranges.windows(2) {
-        assert!(w[0].end <= w[1].start, "{:?} {:?}", w[0], w[1]);
-    }
-}
 
 /// Default layouts: (fixture, N, vCPUs per vnode, host node per vnode, distances).
 #[test]
