@@ -396,7 +396,7 @@ impl Layout {
                 format_cpu_list(&v.vcpus)
             );
             for r in &v.ranges {
-                out += &format!("    {:016x} - {:016x}\n", r.start, r.end - 1);
+                out += &format!("    {:016x} - {:016x}\n", r.start, r.end.saturating_sub(1));
             }
         }
         out

@@ -288,10 +288,20 @@ mod tests {
         }
     }
 
+    /// The first node this process may allocate from (node 0 on our machines), and the first id
+    /// from 5 up that is no node of the host (5 on our machines).
+    fn memory_node_and_absent_node() -> (u32, u32) {
+        let host = crate::HostTopology::current().unwrap();
+        let node = host.nodes.iter().find(|n| n.memory_bytes > 0).unwrap().id;
+        let absent = (5..).find(|&id| host.node(id).is_none()).unwrap();
+        (node, absent)
+    }
+
     #[test]
-    fn mbind_node0_places_pages_on_node0() {
+    fn mbind_places_pages_on_the_node() {
+        let (node, _) = memory_node_and_absent_node();
         let map = Mapping::new(8 << 20);
-        mbind_bind(map.addr, map.len, 0).unwrap();
+        mbind_bind(map.addr, map.len, node).unwrap();
         // Before touching, no page is present.
         let before = page_nodes(&map.pages()).unwrap();
         assert!(before.iter().all(|&n| n == -libc::ENOENT), "{before:?}");
@@ -302,19 +312,25 @@ mod tests {
         }
         let after = page_nodes(&map.pages()).unwrap();
         assert_eq!(after.len(), 2048);
-        assert!(after.iter().all(|&n| n == 0), "{after:?}");
+        let node = i32::try_from(node).unwrap();
+        assert!(after.iter().all(|&n| n == node), "{after:?}");
     }
 
     #[test]
     fn mbind_to_absent_node_fails_clearly() {
+        let (_, absent) = memory_node_and_absent_node();
         let map = Mapping::new(8 << 20);
-        let err = mbind_bind(map.addr, map.len, 5).unwrap_err();
+        let err = mbind_bind(map.addr, map.len, absent).unwrap_err();
         assert!(
-            matches!(err, MemPolicyError::Mbind { node: 5, .. }),
+            matches!(err, MemPolicyError::Mbind { node, len: 8388608, .. } if node == absent),
             "{err:?}"
         );
         let text = err.to_string();
-        assert!(text.contains("to host node 5 failed"), "{text}");
+        let want = format!(
+            "mbind of 8388608 bytes at {:#x} to host node {absent} failed",
+            map.addr as usize
+        );
+        assert_eq!(text, want);
         let source = std::error::Error::source(&err).unwrap().to_string();
         assert!(source.contains("Invalid argument"), "{source}");
         let err = mbind_bind(map.addr, map.len, 40_000).unwrap_err();
@@ -327,11 +343,11 @@ mod tests {
     #[test]
     fn affinity_round_trips() {
         let original = thread_affinity().unwrap();
-        assert!(original.contains(&0), "{original:?}");
+        let first = original[0];
         // Run in a fresh thread so the test harness thread keeps its mask.
         std::thread::spawn(move || {
-            set_thread_affinity(&[0]).unwrap();
-            assert_eq!(thread_affinity().unwrap(), [0]);
+            set_thread_affinity(&[first]).unwrap();
+            assert_eq!(thread_affinity().unwrap(), [first]);
             set_thread_affinity(&original).unwrap();
             assert_eq!(thread_affinity().unwrap(), original);
         })

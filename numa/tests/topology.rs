@@ -289,6 +289,15 @@ fn malformed_sysfs_gives_clear_errors() {
             .to_string();
         assert!(err.contains(message), "{file}: {err}");
     }
+    // The global list still names cpu3 but its own `online` flag says 0: it is left out.
+    let dir = broken(
+        "offline-cpu",
+        "sys/devices/system/cpu/online",
+        Some("0-3\n"),
+    );
+    let t = HostTopology::from_sysfs(dir.path()).unwrap();
+    assert_eq!(t.cpus.iter().map(|c| c.id).collect::<Vec<_>>(), [0, 1, 2]);
+
     let err = HostTopology::from_sysfs(Path::new("/nonexistent")).unwrap_err();
     assert_eq!(
         err.to_string(),
