@@ -5,9 +5,7 @@
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 use numa::Layout;
 
-/// Leaf where we publish the TSC frequency (kHz) in EAX, the VMware/QEMU convention that Linux
-/// also reads (`vmware_get_tsc_khz`-style hypervisor timing leaf).
-pub const TIMING_LEAF: u32 = 0x4000_0010;
+use vmm_guest::abi::{CPUID_MARK, CPUID_TIMING_LEAF as TIMING_LEAF};
 
 /// Errors preparing CPUID.
 #[derive(Debug, thiserror::Error)]
@@ -112,10 +110,20 @@ impl CpuTopology {
             function: TIMING_LEAF,
             eax: tsc_khz,
             ebx: 1_000_000, // the local APIC timer runs at 1 GHz under KVM
+            ecx: CPUID_MARK,
             ..Default::default()
         });
         CpuId::from_entries(&entries).map_err(CpuidError::Build)
     }
+}
+
+/// The APIC id a CPUID table gives (leaf 0xB EDX), e.g. read back from KVM.
+pub fn apic_id_of(cpuid: &CpuId) -> Option<u32> {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xb && e.index == 0)
+        .map(|e| e.edx)
 }
 
 #[cfg(test)]
@@ -179,5 +187,7 @@ mod tests {
         assert_eq!(find(0xb, 1).ebx, 1, "package 1 has one core");
         assert_eq!(c.as_slice().iter().filter(|e| e.function == 0xb).count(), 3);
         assert_eq!(find(TIMING_LEAF, 0).eax, 2_000_000);
+        assert_eq!(find(TIMING_LEAF, 0).ecx, CPUID_MARK);
+        assert_eq!(apic_id_of(&c), Some(4));
     }
 }

@@ -357,6 +357,8 @@ pub struct RunReport {
     pub memory: MemoryOut,
     /// vCPU threads.
     pub vcpu_threads: Vec<VcpuThread>,
+    /// Where the vCPUs' APIC ids (CPUID) were checked against the plan.
+    pub apic_ids_checked_by: String,
     /// What the guest saw.
     pub guest_topology: Option<GuestTopology>,
     /// The guest's view equals the layout.

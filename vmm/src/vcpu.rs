@@ -109,6 +109,12 @@ impl ConsoleOut {
     }
 }
 
+impl std::fmt::Debug for ConsoleOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleOut").finish_non_exhaustive()
+    }
+}
+
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.first.get_or_init(Instant::now);
@@ -143,6 +149,15 @@ pub struct VcpuContext {
     pub events: Sender<Event>,
     /// Set at the first guest report (time to first output, with the console's first byte).
     pub first_report: Arc<OnceLock<Instant>>,
+}
+
+impl std::fmt::Debug for VcpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuContext")
+            .field("index", &self.index)
+            .field("pin", &self.pin)
+            .finish_non_exhaustive()
+    }
 }
 
 fn gettid() -> i32 {

@@ -117,6 +117,8 @@ pub struct Vmm {
     _kvm: Kvm,
     _vm: VmFd,
     vcpus: Vec<VcpuFd>,
+    /// APIC id in each vCPU's CPUID table as KVM holds it.
+    kvm_apic_ids: Vec<u32>,
     tsc_khz: u32,
     started: Instant,
 }
@@ -192,6 +194,7 @@ impl Vmm {
                     .map_err(|e| VmmError::Kvm("create vCPU", e))?,
             );
         }
+        let mut kvm_apic_ids = Vec::with_capacity(vcpus.len());
         let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or_else(|_| calibrate_tsc_khz());
         let boot = BuiltinBoot::load(
             ram.memory(),
@@ -205,6 +208,11 @@ impl Vmm {
             let i = i as u32;
             fd.set_cpuid2(&plan.cpus.cpuid(&supported, i, tsc_khz)?)
                 .map_err(|e| VmmError::Kvm("set CPUID", e))?;
+            // What KVM will answer the guest's CPUID with (checked against the plan later).
+            let back = fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(|e| VmmError::Kvm("get CPUID", e))?;
+            kvm_apic_ids.push(crate::cpuid::apic_id_of(&back).unwrap_or(u32::MAX));
             let sregs = fd.get_sregs().map_err(|e| VmmError::Kvm("get sregs", e))?;
             fd.set_sregs(&boot.sregs(i, sregs))
                 .map_err(|e| VmmError::Kvm("set sregs", e))?;
@@ -220,6 +228,7 @@ impl Vmm {
             _kvm: kvm,
             _vm: vm,
             vcpus,
+            kvm_apic_ids,
             tsc_khz,
             started,
         })
@@ -234,6 +243,7 @@ impl Vmm {
             _kvm,
             _vm,
             vcpus,
+            kvm_apic_ids,
             tsc_khz,
             started,
         } = self;
@@ -317,7 +327,17 @@ impl Vmm {
                 Event::Report(_, Report::Topology(t)) => topology = Some(t),
                 Event::Report(_, Report::VcpuStream(s)) => per_vcpu.push(s),
                 Event::Report(_, Report::Summary(s)) => summary = Some(s),
-                Event::Report(v, Report::Fatal(text)) => errors.push(format!("guest vCPU {v}: {text}")),
+                Event::Report(v, Report::Fatal(text)) => {
+                    errors.push(format!("guest vCPU {v}: {text}"));
+                    stop.store(true, Ordering::Release);
+                }
+                Event::Exited(v, Ok(Some(status))) if status != 0 => {
+                    exited += 1;
+                    errors.push(format!("guest vCPU {v} finished with status {status}"));
+                    // The others may be waiting for it at a barrier: stop them.
+                    stop.store(true, Ordering::Release);
+                    kick(&handles);
+                }
                 Event::Exited(_, Ok(_)) => exited += 1,
                 Event::Exited(_, Err(e)) => {
                     exited += 1;
@@ -345,6 +365,14 @@ impl Vmm {
             Some(g) => g.mismatches(layout, &plan.cpus),
             None => vec!["the guest reported no topology".to_string()],
         };
+        for (v, (&planned, &kvm)) in plan.cpus.apic_ids.iter().zip(&kvm_apic_ids).enumerate() {
+            if planned != kvm {
+                mismatches.push(format!(
+                    "vCPU {v}: KVM's CPUID table gives APIC id {kvm}, planned {planned}"
+                ));
+            }
+        }
+        let cpuid_seen_by_guest = !per_vcpu.is_empty() && per_vcpu.iter().all(|s| s.cpuid_virtualized == 1);
         for s in &per_vcpu {
             let planned = layout.vnode_of_vcpu(s.vcpu);
             if planned != Some(s.node) || plan.cpus.apic_ids.get(s.vcpu as usize) != Some(&s.apic_id) {
@@ -358,6 +386,11 @@ impl Vmm {
                 ));
             }
         }
+        let apic_ids_checked_by = if cpuid_seen_by_guest {
+            "guest CPUID and KVM's CPUID table"
+        } else {
+            "KVM's CPUID table (this host runs CPUID natively at CPL 3, e.g. kvm_pvm)"
+        };
         let stream = summary.as_deref().map(|s| StreamFigures::new(s, &per_vcpu));
         let host_stream = (config.compare_host && stream.is_some() && stopped_by.is_none())
             .then(|| {
@@ -392,6 +425,7 @@ impl Vmm {
                 placement,
             },
             vcpu_threads: threads,
+            apic_ids_checked_by: apic_ids_checked_by.to_string(),
             guest_view_matches: mismatches.is_empty(),
             guest_topology,
             mismatches,

@@ -66,6 +66,13 @@ pub const RESERVED_END: u64 = 0x100_0000;
 /// Most vCPUs the built-in guest supports (mailboxes, stacks and TSSs are sized for it).
 pub const MAX_VCPUS: u32 = 256;
 
+/// CPUID leaf where the VMM publishes the TSC rate (EAX, kHz; the VMware/QEMU timing-leaf
+/// convention), the APIC timer rate (EBX, kHz) and [`CPUID_MARK`] (ECX).
+pub const CPUID_TIMING_LEAF: u32 = 0x4000_0010;
+/// ECX of [`CPUID_TIMING_LEAF`]: present only when CPUID is really virtualised. On `kvm_pvm`,
+/// CPUID at CPL 3 runs natively and returns the host's values (so the host CPU's APIC id).
+pub const CPUID_MARK: u32 = 0x4d55_4e56; // "VNUM"
+
 /// First bytes of every message.
 pub const MESSAGE_MAGIC: u32 = 0x4d53_4756; // "VGSM"
 /// First bytes of [`GuestConfig`].
@@ -496,8 +503,11 @@ impl KernelResult {
 pub struct VcpuStream {
     /// vCPU index.
     pub vcpu: u32,
-    /// APIC id the vCPU read from CPUID (leaf 0xB, or leaf 1 without it).
+    /// APIC id the vCPU read from CPUID (leaf 0xB, or leaf 1 without it); when CPUID is not
+    /// virtualised, the MADT's entry for this vCPU's index.
     pub apic_id: u32,
+    /// 1 when CPUID carried [`CPUID_MARK`], so `apic_id` came from CPUID.
+    pub cpuid_virtualized: u32,
     /// The vnode the guest placed this vCPU in (from SRAT).
     pub node: u32,
     /// 1 when STREAM's validation passed on this vCPU's arrays.
@@ -515,6 +525,7 @@ impl VcpuStream {
     pub fn write(&self, w: &mut Writer<'_>) {
         w.u32(self.vcpu);
         w.u32(self.apic_id);
+        w.u32(self.cpuid_virtualized);
         w.u32(self.node);
         w.u32(self.validated);
         w.u64(self.elements);
@@ -529,6 +540,7 @@ impl VcpuStream {
         let mut s = Self {
             vcpu: r.u32()?,
             apic_id: r.u32()?,
+            cpuid_virtualized: r.u32()?,
             node: r.u32()?,
             validated: r.u32()?,
             elements: r.u64()?,

@@ -10,7 +10,7 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::abi::{
-    GuestConfig, MessageHeader, MessageKind, StreamSummary, Topology, Writer, CONFIG_GPA,
+    GuestConfig, MessageHeader, CPUID_MARK, CPUID_TIMING_LEAF, MessageKind, StreamSummary, Topology, Writer, CONFIG_GPA,
     MAILBOX_GPA, MAILBOX_STRIDE, MAX_LOCALITIES, MAX_PASSES, MAX_VCPUS, PORT_COM1, PORT_REPORT,
     RESERVED_END, STACKS_GPA, STACK_SIZE,
 };
@@ -134,7 +134,20 @@ fn finish(vcpu: u32, status: u32) -> ! {
     }
 }
 
-/// This vCPU's APIC id: CPUID leaf 0xB (x2APIC id) where present, else leaf 1.
+/// This vCPU's APIC id from CPUID (leaf 0xB where present, else leaf 1), or `None` when CPUID is
+/// not virtualised (no [`CPUID_MARK`] in [`CPUID_TIMING_LEAF`]).
+fn cpuid_apic_id() -> Option<u32> {
+    // SAFETY: CPUID is available at every privilege level on x86_64 and has no side effects.
+    let hv = unsafe { core::arch::x86_64::__cpuid(0x4000_0000) }.eax;
+    // SAFETY: as above; an out-of-range leaf returns data, never faults.
+    let timing = unsafe { core::arch::x86_64::__cpuid(CPUID_TIMING_LEAF) };
+    if hv < CPUID_TIMING_LEAF || timing.ecx != CPUID_MARK {
+        return None;
+    }
+    Some(apic_id())
+}
+
+/// CPUID's APIC id: leaf 0xB (x2APIC id) where present, else leaf 1.
 fn apic_id() -> u32 {
     // SAFETY: CPUID is available at every privilege level on x86_64 and has no side effects.
     let max = unsafe { core::arch::x86_64::__cpuid(0) }.eax;
@@ -213,9 +226,18 @@ pub extern "C" fn _start(vcpu: u64) -> ! {
     // SAFETY: READY == 1 was observed with Acquire; the topology is no longer written.
     let topo: &Topology = unsafe { &*TOPOLOGY.0.get() };
 
-    let apic = apic_id();
-    let Some(index) = acpi::cpu_index(topo, apic) else {
-        fatal(me, format_args!("my APIC id {apic} is not in the MADT"));
+    let cpuid_apic = cpuid_apic_id();
+    let (apic, index) = match cpuid_apic {
+        Some(apic) => {
+            let Some(index) = acpi::cpu_index(topo, apic) else {
+                fatal(me, format_args!("my APIC id {apic} is not in the MADT"));
+            };
+            (apic, index)
+        }
+        None => match topo.cpus().get(me as usize) {
+            Some(c) => (c.apic_id, me),
+            None => fatal(me, format_args!("vCPU {me} has no MADT entry")),
+        },
     };
     if index != me {
         fatal(me, format_args!("APIC id {apic} is CPU {index} in the MADT, but I am vCPU {me}"));
@@ -254,6 +276,7 @@ pub extern "C" fn _start(vcpu: u64) -> ! {
     let counts = &counts[..topo.cpu_count as usize];
     let mut mine = run.thread_result(me, counts, cfg.tsc_khz);
     mine.apic_id = apic;
+    mine.cpuid_virtualized = u32::from(cpuid_apic.is_some());
     mine.node = node;
     mine.validated = u32::from(ok);
     mine.array_gpa = base;

@@ -48,11 +48,16 @@ fn blocks3(
 }
 
 /// `c[j] = a[j]`
+///
+/// Never inlined (nor are the other kernels), so the guest image and the host build run the
+/// same machine code whatever their callers' inlining decisions.
+#[inline(never)]
 pub fn copy(c: &mut [f64], a: &[f64]) {
     blocks3(c, a, a, |x, _| x);
 }
 
 /// `b[j] = scalar * c[j]`
+#[inline(never)]
 pub fn scale(b: &mut [f64], c: &[f64]) {
     // SAFETY: SSE2 is part of the x86_64 baseline.
     let s = unsafe { _mm_set1_pd(SCALAR) };
@@ -61,12 +66,14 @@ pub fn scale(b: &mut [f64], c: &[f64]) {
 }
 
 /// `c[j] = a[j] + b[j]`
+#[inline(never)]
 pub fn add(c: &mut [f64], a: &[f64], b: &[f64]) {
     // SAFETY: SSE2 is part of the x86_64 baseline.
     blocks3(c, a, b, |x, y| unsafe { _mm_add_pd(x, y) });
 }
 
 /// `a[j] = b[j] + scalar * c[j]`
+#[inline(never)]
 pub fn triad(a: &mut [f64], b: &[f64], c: &[f64]) {
     // SAFETY: SSE2 is part of the x86_64 baseline.
     let s = unsafe { _mm_set1_pd(SCALAR) };
