@@ -44,9 +44,10 @@ use crate::topology::{format_cpu_list, parse_cpu_list, HostTopology};
 pub const PAGE_SIZE: u64 = 4 << 10;
 /// 2 MiB: the unit the default planner splits memory in.
 pub const SPLIT_UNIT: u64 = 2 << 20;
-/// Guest memory [`stream_memory_bytes`] adds to STREAM's arrays: guest image, ACPI tables, page
-/// tables, stacks.
-pub const STREAM_RESERVE_BYTES: u64 = 16 << 20;
+/// Guest memory [`stream_memory_bytes`] adds to STREAM's arrays: the built-in guest's 16 MiB
+/// for its image, ACPI tables, page tables and stacks (`vmm_guest::abi::RESERVED_END`), plus
+/// 2 MiB for rounding each vCPU's share down to whole pages.
+pub const STREAM_RESERVE_BYTES: u64 = 18 << 20;
 /// Most vCPUs a layout may have (Cloud Hypervisor's x86_64 limit).
 pub const MAX_VCPUS: u32 = 8192;
 /// `VnodeSpec::host_node` value meaning "no host node given": the planner picks round-robin.
@@ -1018,13 +1019,13 @@ mod tests {
 
     #[test]
     fn stream_memory() {
-        // 32 MiB LLC (this host): 384 MiB of arrays + 16 MiB.
-        assert_eq!(stream_memory_bytes(32 << 20, 1), 400 << 20);
-        // Rounded up so each of 3 vnodes gets a multiple of 2 MiB: 400/3 = 133.3 -> 134 MiB.
+        // 32 MiB LLC (this host): 384 MiB of arrays + 18 MiB.
+        assert_eq!(stream_memory_bytes(32 << 20, 1), 402 << 20);
+        // Rounded up so each of 3 vnodes gets a multiple of 2 MiB: 402/3 = 134 MiB.
         assert_eq!(stream_memory_bytes(32 << 20, 3), 3 * (134 << 20));
-        // 480 MiB L3 (issue 4's machines).
-        assert_eq!(stream_memory_bytes(480 << 20, 2), 5776 << 20);
-        assert_eq!(stream_memory_bytes(0, 0), 16 << 20);
+        // 480 MiB L3 (issue 4's machines): 5778/2 = 2889 -> 2890 MiB per vnode.
+        assert_eq!(stream_memory_bytes(480 << 20, 2), 5780 << 20);
+        assert_eq!(stream_memory_bytes(0, 0), 18 << 20);
         for n in [1, 3, 4, u32::MAX] {
             let max = stream_memory_bytes(u64::MAX, n);
             assert_eq!(max % (u64::from(n) * SPLIT_UNIT), 0, "{n}");

@@ -10,8 +10,9 @@
 //! - `sys/devices/system/cpu/cpuF/cache/index*/{level,size}` of the first online CPU `F` (cpu0 on
 //!   nearly every host): the last-level cache is the highest level listed;
 //! - `sys/devices/system/node/online` and `sys/devices/system/node/nodeN/{cpulist,meminfo,distance}`;
-//! - `proc/meminfo` only when `sys/devices/system/node` does not exist (kernel built without
-//!   `CONFIG_NUMA`): the host is then one node 0 with every online CPU and `MemTotal`.
+//! - `proc/meminfo` when `sys/devices/system/node` does not exist (kernel built without
+//!   `CONFIG_NUMA`): the host is then one node 0 with every online CPU and `MemTotal`; and on a
+//!   one-node host, whose node owns all memory, as a floor under the node's own `MemTotal`.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -166,7 +167,18 @@ impl HostTopology {
         }
 
         let (node_ids, node_cpus, node_mem, distances) = if node_dir.exists() {
-            read_nodes(&node_dir, &online)?
+            let (ids, cpus, mut mem, distances) = read_nodes(&node_dir, &online)?;
+            // On a one-node host all of the system's memory is that node's. A node's own
+            // MemTotal can read far lower while the kernel initialises struct pages lazily
+            // (CONFIG_DEFERRED_STRUCT_PAGE_INIT grows zones on demand; seen on our VMs: node 0
+            // at 5-7 GiB of 23.5), so take the larger of the two.
+            if let ([m], Ok(system)) = (
+                mem.as_mut_slice(),
+                read_meminfo(&root.join("proc/meminfo"), ""),
+            ) {
+                *m = (m.0.max(system.0), m.1.max(system.1));
+            }
+            (ids, cpus, mem, distances)
         } else {
             let (total, free) = read_meminfo(&root.join("proc/meminfo"), "")?;
             (

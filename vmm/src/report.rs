@@ -99,6 +99,8 @@ pub struct StreamFigures {
     pub passes: u32,
     /// Every thread validated.
     pub validated: bool,
+    /// Size of one STREAM array summed over the threads (STREAM's N × 8 bytes).
+    pub array_bytes: u64,
     /// Totals over all threads.
     #[serde(flatten)]
     pub total: Kernels<KernelFigures>,
@@ -135,6 +137,7 @@ impl StreamFigures {
         Self {
             passes: summary.passes,
             validated: summary.validated == 1 && threads.iter().all(|t| t.validated == 1),
+            array_bytes: threads.iter().map(|t| t.elements * 8).sum(),
             total,
             per_node,
             per_vcpu,
@@ -371,6 +374,8 @@ pub struct RunReport {
     pub host_stream: Option<StreamFigures>,
     /// Guest over host, per kernel (`--compare-host`).
     pub ratio: Option<Kernels<f64>>,
+    /// Last-level cache of the host, bytes (STREAM wants each array at least 4× this).
+    pub host_llc_bytes: u64,
     /// Timing.
     pub timing: TimingOut,
     /// VMM resident memory beyond guest RAM, bytes.
@@ -462,6 +467,13 @@ impl RunReport {
                 s.passes,
                 s.passes.saturating_sub(1),
                 if s.validated { "Solution Validates" } else { "VALIDATION FAILED" }
+            );
+            let _ = writeln!(
+                o,
+                "arrays: 3 x {:.1} MiB ({:.2}x the host's {} last-level cache)",
+                s.array_bytes as f64 / (1u64 << 20) as f64,
+                s.array_bytes as f64 / self.host_llc_bytes.max(1) as f64,
+                format_size(self.host_llc_bytes)
             );
             stream_table(&mut o, s, self.host_stream.as_ref(), self.ratio.as_ref());
         }

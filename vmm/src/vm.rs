@@ -440,6 +440,7 @@ impl Vmm {
                 total_ms: ms(started.elapsed()),
             },
             vmm_overhead_bytes,
+            host_llc_bytes: plan.host.llc_bytes,
             errors,
             stopped_by,
         })

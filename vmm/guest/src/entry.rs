@@ -18,6 +18,7 @@ use crate::acpi::{self, PhysMem};
 use crate::stream::{rdtsc, Arrays, Run, SpinBarrier, TimingTable, GUEST_TIMING_SLOTS};
 
 const MIB2: u64 = 2 << 20;
+const PAGE: u64 = 4096;
 
 /// Guest-physical memory, identity-mapped by the VMM's page tables.
 struct IdentityMem;
@@ -162,7 +163,8 @@ fn apic_id() -> u32 {
     unsafe { core::arch::x86_64::__cpuid(1) }.ebx >> 24
 }
 
-/// `count` equal, 2 MiB-aligned slices of `node`'s memory above the reserve; the `rank`-th one.
+/// `count` equal, page-aligned slices of `node`'s memory above the reserve (each range's start
+/// 2 MiB aligned); the `rank`-th one.
 fn my_slice(topo: &Topology, node: u32, rank: u32, count: u32) -> Option<(u64, u64)> {
     let usable = |r: &crate::abi::SeenRange| {
         let start = r.base.max(RESERVED_END).div_ceil(MIB2) * MIB2;
@@ -171,7 +173,7 @@ fn my_slice(topo: &Topology, node: u32, rank: u32, count: u32) -> Option<(u64, u
     };
     let ranges = || topo.ranges().iter().filter(|r| r.node == node).filter_map(usable);
     let total: u64 = ranges().map(|(_, len)| len).sum();
-    let mut slice = total / u64::from(count.max(1)) / MIB2 * MIB2;
+    let mut slice = total / u64::from(count.max(1)) / PAGE * PAGE;
     while slice >= MIB2 {
         let slots: u64 = ranges().map(|(_, len)| len / slice).sum();
         if slots >= u64::from(count) {
@@ -184,7 +186,7 @@ fn my_slice(topo: &Topology, node: u32, rank: u32, count: u32) -> Option<(u64, u
                 rank -= here;
             }
         }
-        slice -= MIB2;
+        slice -= PAGE;
     }
     None
 }
