@@ -16,16 +16,35 @@ fn main() {
     println!("cargo:rerun-if-changed={}", script.display());
 
     let status = Command::new(rustc)
-        .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "vmm_guest_image"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "vmm_guest_image",
+        ])
         .args(["--cfg", "guest_bin"])
-        .args(["-C", "opt-level=3", "-C", "panic=abort", "-C", "debuginfo=0"])
+        .args([
+            "-C",
+            "opt-level=3",
+            "-C",
+            "panic=abort",
+            "-C",
+            "debuginfo=0",
+        ])
         .args(["-C", "relocation-model=static", "-C", "code-model=small"])
         // Link with binutils' ld directly: no C runtime, no libc, a static image at a fixed address.
         .args(["-C", "linker=ld", "-C", "linker-flavor=ld"])
         .arg("-C")
         .arg(format!("link-arg=-T{}", script.display()))
         .args(["-C", "link-arg=--build-id=none", "-C", "link-arg=-static"])
-        .args(["-C", "link-arg=--no-dynamic-linker", "-C", "link-arg=-nostdlib"])
+        .args([
+            "-C",
+            "link-arg=--no-dynamic-linker",
+            "-C",
+            "link-arg=-nostdlib",
+        ])
         .arg("-o")
         .arg(&image)
         .arg(guest.join("src/lib.rs"))

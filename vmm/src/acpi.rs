@@ -3,16 +3,15 @@
 //! vnode map). The built-in guest reads them with `vmm_guest::acpi`, a Linux guest with its own
 //! ACPI code; both see the same bytes.
 //!
-//! `acpi_tables` builds the RSDP, XSDT, FADT and SLIT. It has no x86 processor-affinity SRAT
-//! entries and no x2APIC MADT entries, so MADT and SRAT are written here over its `Sdt`, the way
-//! Cloud Hypervisor does (ACPI 6.5 §5.2.12 and §5.2.16).
+//! `acpi_tables` builds the RSDP, XSDT and FADT. It has no x86 processor-affinity SRAT entries, no
+//! x2APIC MADT entries and only symmetric SLITs, so MADT, SRAT and SLIT are written here over its
+//! `Sdt`, the way Cloud Hypervisor does (ACPI 6.5 §5.2.12, §5.2.16, §5.2.17).
 
 use std::path::Path;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
-use acpi_tables::slit::SLIT;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use numa::Layout;
@@ -149,16 +148,16 @@ fn srat(layout: &Layout, cpus: &CpuTopology) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-/// SLIT (§5.2.17): the layout's distance matrix, indexed by vnode id.
+/// SLIT (§5.2.17): the layout's distance matrix, indexed by vnode id, row by row. Written over
+/// `Sdt` because `acpi_tables`' SLIT sets both directions at once, and a SLIT may be asymmetric.
 fn slit(layout: &Layout) -> Vec<u8> {
-    let n = layout.vnodes.len();
-    let mut t = SLIT::new(OEM_ID, OEM_TABLE_ID, 1, n as u32);
-    for (i, row) in layout.distances.iter().enumerate() {
-        for (j, &d) in row.iter().enumerate() {
-            t.set_distance(i, j, d);
-        }
+    let mut t = sdt(*b"SLIT", 1);
+    t.append(layout.vnodes.len() as u64);
+    for row in &layout.distances {
+        t.append_slice(row);
     }
-    aml_bytes(&t)
+    t.update_checksum();
+    t.as_slice().to_vec()
 }
 
 impl AcpiTables {
@@ -278,7 +277,10 @@ mod tests {
     #[test]
     fn every_table_checksums_and_fits() {
         let l = layout(
-            &[(vec![0, 1], &[(0, 1 << 30)]), (vec![2], &[(1 << 30, 3 << 30), (4 << 30, 5 << 30)])],
+            &[
+                (vec![0, 1], &[(0, 1 << 30)]),
+                (vec![2], &[(1 << 30, 3 << 30), (4 << 30, 5 << 30)]),
+            ],
             vec![vec![10, 21], vec![21, 10]],
         );
         let t = AcpiTables::new(&l, &CpuTopology::new(&l)).unwrap();
@@ -304,7 +306,7 @@ mod tests {
                 (vec![3], &[(1 << 30, 3 << 30), (4 << 30, 5 << 30)]),
                 (vec![4, 5], &[(5 << 30, 6 << 30)]),
             ],
-            vec![vec![10, 16, 22], vec![16, 10, 28], vec![22, 28, 10]],
+            vec![vec![10, 16, 22], vec![17, 10, 28], vec![23, 29, 10]],
         );
         let cpus = CpuTopology::new(&l);
         let topo = read_back(&AcpiTables::new(&l, &cpus).unwrap());
@@ -313,7 +315,11 @@ mod tests {
             assert_eq!(c.apic_id, cpus.apic_ids[i]);
             assert_eq!(Some(c.node), l.vnode_of_vcpu(i as u32));
         }
-        let ranges: Vec<_> = topo.ranges().iter().map(|r| (r.node, r.base, r.len)).collect();
+        let ranges: Vec<_> = topo
+            .ranges()
+            .iter()
+            .map(|r| (r.node, r.base, r.len))
+            .collect();
         assert_eq!(
             ranges,
             vec![
@@ -326,7 +332,10 @@ mod tests {
         assert_eq!(topo.localities, 3);
         for i in 0..3 {
             for j in 0..3 {
-                assert_eq!(topo.distance(i, j), Some(l.distances[i as usize][j as usize]));
+                assert_eq!(
+                    topo.distance(i, j),
+                    Some(l.distances[i as usize][j as usize])
+                );
             }
         }
     }

@@ -351,7 +351,10 @@ mod tests {
         let s = stubs();
         let v13 = &s[13 * STUB_STRIDE as usize..][..13];
         assert_eq!(v13[0], 0xb8);
-        assert_eq!(u32::from_le_bytes(v13[1..5].try_into().unwrap()), EXCEPTION_FLAG | 13);
+        assert_eq!(
+            u32::from_le_bytes(v13[1..5].try_into().unwrap()),
+            EXCEPTION_FLAG | 13
+        );
     }
 
     #[test]

@@ -32,7 +32,13 @@ impl CpuTopology {
     /// Numbers the vCPUs of each vnode as the cores of one package.
     pub fn new(layout: &Layout) -> Self {
         let n = layout.vcpu_count() as usize;
-        let widest = layout.vnodes.iter().map(|v| v.vcpus.len()).max().unwrap_or(1).max(1);
+        let widest = layout
+            .vnodes
+            .iter()
+            .map(|v| v.vcpus.len())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let core_bits = (widest as u32).next_power_of_two().trailing_zeros();
         let mut apic_ids = vec![0; n];
         let mut package_of = vec![0; n];
@@ -134,7 +140,10 @@ mod tests {
     #[test]
     fn apic_ids_pack_vnodes_as_packages() {
         let l = layout(
-            &[(vec![0, 1, 2], &[(0, 1 << 30)]), (vec![3], &[(1 << 30, 2 << 30)])],
+            &[
+                (vec![0, 1, 2], &[(0, 1 << 30)]),
+                (vec![3], &[(1 << 30, 2 << 30)]),
+            ],
             vec![vec![10, 20], vec![20, 10]],
         );
         let t = CpuTopology::new(&l);
@@ -151,7 +160,10 @@ mod tests {
     #[test]
     fn cpuid_leaves_agree_with_the_apic_ids() {
         let l = layout(
-            &[(vec![0, 1, 2], &[(0, 1 << 30)]), (vec![3], &[(1 << 30, 2 << 30)])],
+            &[
+                (vec![0, 1, 2], &[(0, 1 << 30)]),
+                (vec![3], &[(1 << 30, 2 << 30)]),
+            ],
             vec![vec![10, 20], vec![20, 10]],
         );
         let t = CpuTopology::new(&l);

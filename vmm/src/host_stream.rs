@@ -36,7 +36,10 @@ pub fn run(
                 let (barrier, timings) = (&barrier, &*timings);
                 let cpu = pins.and_then(|p| p.vcpu_cpus.get(v.vcpu as usize).copied());
                 // As an address: raw pointers are not Send.
-                let host = mem.get_host_address(GuestAddress(v.array_gpa)).ok().map(|p| p as usize);
+                let host = mem
+                    .get_host_address(GuestAddress(v.array_gpa))
+                    .ok()
+                    .map(|p| p as usize);
                 let n = v.elements as usize;
                 s.spawn(move || {
                     if let Some(cpu) = cpu {
@@ -64,7 +67,9 @@ pub fn run(
                 })
             })
             .collect();
-        jobs.into_iter().map(|j| j.join().unwrap_or(false)).collect()
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or(false))
+            .collect()
     });
     let run = Run {
         passes,
@@ -79,7 +84,12 @@ pub fn run(
         validated: u32::from(validated.iter().all(|&v| v)),
         ..StreamSummary::default()
     };
-    summary.group_count = run.groups(&node_of, &elements, tsc_khz, &mut summary.groups[..=MAX_LOCALITIES]) as u32;
+    summary.group_count = run.groups(
+        &node_of,
+        &elements,
+        tsc_khz,
+        &mut summary.groups[..=MAX_LOCALITIES],
+    ) as u32;
     let threads: Vec<VcpuStream> = vcpus
         .iter()
         .enumerate()

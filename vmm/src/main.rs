@@ -101,13 +101,24 @@ fn config(cli: &Cli) -> Result<VmConfig, String> {
     if cli.overcommit && !cli.pin {
         return Err("--overcommit only applies with --pin".into());
     }
-    c.backing = if cli.hugepages { Backing::Hugetlb } else { Backing::Thp };
+    c.backing = if cli.hugepages {
+        Backing::Hugetlb
+    } else {
+        Backing::Thp
+    };
     c.passes = cli.passes;
     c.compare_host = cli.compare_host;
     c.dump_acpi = cli.dump_acpi.clone();
-    c.console = if cli.json { ConsoleTarget::Stderr } else { ConsoleTarget::Stdout };
+    c.console = if cli.json {
+        ConsoleTarget::Stderr
+    } else {
+        ConsoleTarget::Stdout
+    };
     if !(cli.timeout.is_finite() && cli.timeout >= 0.0) {
-        return Err(format!("--timeout {} is not a number of seconds", cli.timeout));
+        return Err(format!(
+            "--timeout {} is not a number of seconds",
+            cli.timeout
+        ));
     }
     c.timeout = (cli.timeout > 0.0).then(|| Duration::from_secs_f64(cli.timeout));
     Ok(c)

@@ -47,7 +47,9 @@ pub enum MemoryError {
     #[error("cannot bind vnode {0}'s memory to host node {1}")]
     Bind(u32, u32, #[source] numa::MemPolicyError),
     /// Prefaulting failed (the host ran out of memory on that node).
-    #[error("cannot prefault vnode {0}'s memory on host node {1}: the node has too little free memory")]
+    #[error(
+        "cannot prefault vnode {0}'s memory on host node {1}: the node has too little free memory"
+    )]
     Prefault(u32, u32, #[source] std::io::Error),
     /// vm-memory refused the regions.
     #[error("cannot describe guest memory")]
@@ -325,7 +327,10 @@ mod tests {
     #[test]
     fn vnodes_are_bound_prefaulted_and_on_their_node() {
         let l = layout(
-            &[(vec![0], &[(0, 8 << 20)]), (vec![1], &[(8 << 20, 24 << 20)])],
+            &[
+                (vec![0], &[(0, 8 << 20)]),
+                (vec![1], &[(8 << 20, 24 << 20)]),
+            ],
             vec![vec![10, 20], vec![20, 10]],
         );
         let ram = GuestRam::new(&l, Backing::Thp, &[vec![], vec![]]).unwrap();
@@ -333,14 +338,19 @@ mod tests {
         assert_eq!(p.len(), 2);
         assert!(p.iter().all(Placement::all_local), "{p:?}");
         assert_eq!(p[1].sampled, (16 << 20) / PAGE as u64);
-        ram.memory().write_obj(0x1234_5678u32, GuestAddress((8 << 20) + 4)).unwrap();
+        ram.memory()
+            .write_obj(0x1234_5678u32, GuestAddress((8 << 20) + 4))
+            .unwrap();
         let back: u32 = ram.memory().read_obj(GuestAddress((8 << 20) + 4)).unwrap();
         assert_eq!(back, 0x1234_5678);
     }
 
     #[test]
     fn a_vnode_across_the_hole_is_one_mapping_with_two_views() {
-        let l = layout(&[(vec![0], &[(0, 4 << 20), (16 << 20, 20 << 20)])], vec![vec![10]]);
+        let l = layout(
+            &[(vec![0], &[(0, 4 << 20), (16 << 20, 20 << 20)])],
+            vec![vec![10]],
+        );
         let ram = GuestRam::new(&l, Backing::Thp, &[vec![]]).unwrap();
         assert_eq!(ram.mappings.len(), 1);
         assert_eq!(ram.memory().num_regions(), 2);

@@ -243,7 +243,11 @@ impl GuestTopology {
             ranges: Vec::new(),
         };
         for (i, c) in t.cpus().iter().enumerate() {
-            nodes.entry(c.node).or_insert_with(|| empty(c.node)).cpus.push(i as u32);
+            nodes
+                .entry(c.node)
+                .or_insert_with(|| empty(c.node))
+                .cpus
+                .push(i as u32);
         }
         for r in t.ranges() {
             let n = nodes.entry(r.node).or_insert_with(|| empty(r.node));
@@ -413,7 +417,11 @@ impl RunReport {
                     "pinning: vCPU->CPU {}; VMM threads on CPUs {}{}",
                     pins.join(" "),
                     format_cpu_list(&p.vmm_cpus),
-                    if p.shared { " (overcommitted: vCPUs share CPUs)" } else { "" }
+                    if p.shared {
+                        " (overcommitted: vCPUs share CPUs)"
+                    } else {
+                        ""
+                    }
                 );
             }
             None => {
@@ -425,7 +433,11 @@ impl RunReport {
             o,
             "memory: {:?}{}, prefault {:.0} ms",
             m.backing,
-            if m.huge_pages { " with 2 MiB pages" } else { " (no huge pages)" },
+            if m.huge_pages {
+                " with 2 MiB pages"
+            } else {
+                " (no huge pages)"
+            },
             m.prefault_ms
         );
         for p in &m.placement {
@@ -444,7 +456,11 @@ impl RunReport {
                 o,
                 "guest view: {} nodes, {}",
                 g.nodes.len(),
-                if self.guest_view_matches { "matches the layout" } else { "DIFFERS from the layout" }
+                if self.guest_view_matches {
+                    "matches the layout"
+                } else {
+                    "DIFFERS from the layout"
+                }
             );
             for n in &g.nodes {
                 let _ = writeln!(
@@ -466,7 +482,11 @@ impl RunReport {
                 "STREAM in the guest ({} passes, best of {}): {}",
                 s.passes,
                 s.passes.saturating_sub(1),
-                if s.validated { "Solution Validates" } else { "VALIDATION FAILED" }
+                if s.validated {
+                    "Solution Validates"
+                } else {
+                    "VALIDATION FAILED"
+                }
             );
             let _ = writeln!(
                 o,
@@ -489,7 +509,11 @@ impl RunReport {
             );
         }
         if let Some(b) = self.vmm_overhead_bytes {
-            let _ = writeln!(o, "VMM memory beyond guest RAM: {:.1} MiB RSS", b as f64 / (1 << 20) as f64);
+            let _ = writeln!(
+                o,
+                "VMM memory beyond guest RAM: {:.1} MiB RSS",
+                b as f64 / (1 << 20) as f64
+            );
         }
         for e in &self.errors {
             let _ = writeln!(o, "error: {e}");
@@ -511,7 +535,11 @@ fn stream_table(
     let _ = writeln!(
         o,
         "Function    Rate (MB/s)   Avg time     Min time     Max time{}",
-        if host.is_some() { "    Host (MB/s)   Guest/Host" } else { "" }
+        if host.is_some() {
+            "    Host (MB/s)   Guest/Host"
+        } else {
+            ""
+        }
     );
     let rows = s.total.to_array();
     for (i, k) in rows.iter().enumerate() {
@@ -525,7 +553,12 @@ fn stream_table(
             k.max_ns as f64 / 1e9
         );
         if let (Some(h), Some(r)) = (host, ratio) {
-            let _ = write!(o, "{:>15.1}{:>13.3}", h.total.to_array()[i].mb_s, r.to_array()[i]);
+            let _ = write!(
+                o,
+                "{:>15.1}{:>13.3}",
+                h.total.to_array()[i].mb_s,
+                r.to_array()[i]
+            );
         }
         let _ = writeln!(o);
     }
@@ -562,7 +595,13 @@ fn stream_table(
 /// Guest over host rate per kernel.
 pub fn ratio(guest: &StreamFigures, host: &StreamFigures) -> Kernels<f64> {
     let (g, h) = (guest.total.to_array(), host.total.to_array());
-    Kernels::from_array([0, 1, 2, 3].map(|i| if h[i].mb_s > 0.0 { g[i].mb_s / h[i].mb_s } else { 0.0 }))
+    Kernels::from_array([0, 1, 2, 3].map(|i| {
+        if h[i].mb_s > 0.0 {
+            g[i].mb_s / h[i].mb_s
+        } else {
+            0.0
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -603,7 +642,10 @@ mod tests {
     #[test]
     fn an_exact_view_matches_and_each_difference_is_named() {
         let l = layout(
-            &[(vec![0, 1], &[(0, 1 << 30)]), (vec![2], &[(1 << 30, 2 << 30)])],
+            &[
+                (vec![0, 1], &[(0, 1 << 30)]),
+                (vec![2], &[(1 << 30, 2 << 30)]),
+            ],
             vec![vec![10, 20], vec![20, 10]],
         );
         let cpus = CpuTopology::new(&l);
@@ -616,7 +658,10 @@ mod tests {
         t.cpus[1].node = 1;
         t.distances[1] = 21;
         let m = GuestTopology::new(&t).mismatches(&l, &cpus);
-        assert!(m.iter().any(|s| s.contains("vnode 0: guest sees CPUs [0]")), "{m:?}");
+        assert!(
+            m.iter().any(|s| s.contains("vnode 0: guest sees CPUs [0]")),
+            "{m:?}"
+        );
         assert!(m.iter().any(|s| s.contains("distances")), "{m:?}");
     }
 }

@@ -170,7 +170,10 @@ pub fn run(mut fd: VcpuFd, ctx: VcpuContext) {
     let me = ctx.index;
     if let Some(cpu) = ctx.pin {
         if let Err(e) = numa::set_thread_affinity(&[cpu]) {
-            let _ = ctx.events.send(Event::Exited(me, Err(VcpuError::Pin(me, cpu, e.to_string()))));
+            let _ = ctx.events.send(Event::Exited(
+                me,
+                Err(VcpuError::Pin(me, cpu, e.to_string())),
+            ));
             return;
         }
     }
@@ -218,14 +221,21 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<u32>, VcpuError
             },
             Ok(VcpuExit::IoIn(port, data)) => {
                 if (PORT_COM1..PORT_COM1 + 8).contains(&port) {
-                    data[0] = ctx.console.lock().expect("console lock").read((port - PORT_COM1) as u8);
+                    data[0] = ctx
+                        .console
+                        .lock()
+                        .expect("console lock")
+                        .read((port - PORT_COM1) as u8);
                 } else {
                     data.fill(0xff);
                 }
             }
             Ok(VcpuExit::Hlt) => return Err(VcpuError::UnexpectedExit(me, "HLT".into())),
             Ok(VcpuExit::Shutdown) => {
-                return Err(VcpuError::UnexpectedExit(me, "shutdown (triple fault)".into()))
+                return Err(VcpuError::UnexpectedExit(
+                    me,
+                    "shutdown (triple fault)".into(),
+                ))
             }
             Ok(VcpuExit::InternalError) => {
                 let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -264,7 +274,10 @@ fn report(ctx: &VcpuContext, slot: u32) -> Result<Option<u32>, VcpuError> {
     ctx.first_report.get_or_init(Instant::now);
     let mut buf = vec![0u8; MAILBOX_STRIDE as usize];
     ctx.mem
-        .read_slice(&mut buf, GuestAddress(MAILBOX_GPA + u64::from(slot) * MAILBOX_STRIDE))
+        .read_slice(
+            &mut buf,
+            GuestAddress(MAILBOX_GPA + u64::from(slot) * MAILBOX_STRIDE),
+        )
         .map_err(|e| bad(e.to_string()))?;
     let (head, payload) = MessageHeader::read_message(&buf).map_err(|e| bad(e.to_string()))?;
     let decoded = match head.kind {

@@ -21,7 +21,9 @@ use crate::config::{ConsoleTarget, VmConfig};
 use crate::cpuid::{CpuTopology, CpuidError};
 use crate::host_stream;
 use crate::memory::{GuestRam, MemoryError};
-use crate::report::{self, GuestTopology, LayoutOut, MemoryOut, RunReport, StreamFigures, TimingOut, VcpuThread};
+use crate::report::{
+    self, GuestTopology, LayoutOut, MemoryOut, RunReport, StreamFigures, TimingOut, VcpuThread,
+};
 use crate::vcpu::{self, ConsoleOut, Event, NoInterrupt, Report, VcpuContext};
 
 /// Errors of a run, each one clear line.
@@ -43,7 +45,9 @@ pub enum VmmError {
     #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualisation)")]
     NoKvm,
     /// Not allowed to use KVM.
-    #[error("no permission to open /dev/kvm: run as root or as a member of its group (usually kvm)")]
+    #[error(
+        "no permission to open /dev/kvm: run as root or as a member of its group (usually kvm)"
+    )]
     KvmPermission,
     /// A KVM call failed.
     #[error("KVM {0} failed: {1}")]
@@ -125,7 +129,9 @@ pub struct Vmm {
 
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vmm").field("plan", &self.plan).finish_non_exhaustive()
+        f.debug_struct("Vmm")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
     }
 }
 
@@ -141,7 +147,10 @@ fn open_kvm() -> Result<Kvm, VmmError> {
 fn calibrate_tsc_khz() -> u32 {
     let (t0, c0) = (Instant::now(), vmm_guest::stream::rdtsc());
     std::thread::sleep(Duration::from_millis(20));
-    let (ticks, ns) = (vmm_guest::stream::rdtsc() - c0, t0.elapsed().as_nanos() as u64);
+    let (ticks, ns) = (
+        vmm_guest::stream::rdtsc() - c0,
+        t0.elapsed().as_nanos() as u64,
+    );
     (ticks as u128 * 1_000_000 / u128::from(ns.max(1))) as u32
 }
 
@@ -154,7 +163,12 @@ impl Vmm {
         let prefault_cpus: Vec<Vec<u32>> = layout
             .vnodes
             .iter()
-            .map(|v| plan.host.node(v.host_node).map(|n| n.cpus.clone()).unwrap_or_default())
+            .map(|v| {
+                plan.host
+                    .node(v.host_node)
+                    .map(|n| n.cpus.clone())
+                    .unwrap_or_default()
+            })
             .collect();
         let ram = GuestRam::new(layout, config.backing, &prefault_cpus)?;
         let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("create VM", e))?;
@@ -165,7 +179,9 @@ impl Vmm {
             let host = ram
                 .memory()
                 .get_host_address(region.start_addr())
-                .map_err(|_| VmmError::Kvm("map guest RAM", kvm_ioctls::Error::new(libc::EFAULT)))?;
+                .map_err(|_| {
+                    VmmError::Kvm("map guest RAM", kvm_ioctls::Error::new(libc::EFAULT))
+                })?;
             let mr = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: 0,
@@ -195,7 +211,9 @@ impl Vmm {
             );
         }
         let mut kvm_apic_ids = Vec::with_capacity(vcpus.len());
-        let tsc_khz = vcpus[0].get_tsc_khz().unwrap_or_else(|_| calibrate_tsc_khz());
+        let tsc_khz = vcpus[0]
+            .get_tsc_khz()
+            .unwrap_or_else(|_| calibrate_tsc_khz());
         let boot = BuiltinBoot::load(
             ram.memory(),
             layout,
@@ -299,7 +317,8 @@ impl Vmm {
         let deadline = config.timeout.map(|t| run_start + t);
         while exited < n {
             let wait = deadline.map_or(Duration::from_millis(200), |d| {
-                d.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))
+                d.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(200))
             });
             let event = match rx.recv_timeout(wait) {
                 Ok(e) => e,
@@ -372,10 +391,13 @@ impl Vmm {
                 ));
             }
         }
-        let cpuid_seen_by_guest = !per_vcpu.is_empty() && per_vcpu.iter().all(|s| s.cpuid_virtualized == 1);
+        let cpuid_seen_by_guest =
+            !per_vcpu.is_empty() && per_vcpu.iter().all(|s| s.cpuid_virtualized == 1);
         for s in &per_vcpu {
             let planned = layout.vnode_of_vcpu(s.vcpu);
-            if planned != Some(s.node) || plan.cpus.apic_ids.get(s.vcpu as usize) != Some(&s.apic_id) {
+            if planned != Some(s.node)
+                || plan.cpus.apic_ids.get(s.vcpu as usize) != Some(&s.apic_id)
+            {
                 mismatches.push(format!(
                     "vCPU {} runs as APIC id {} in node {}, planned APIC id {:?} in vnode {:?}",
                     s.vcpu,
@@ -392,8 +414,8 @@ impl Vmm {
             "KVM's CPUID table (this host runs CPUID natively at CPL 3, e.g. kvm_pvm)"
         };
         let stream = summary.as_deref().map(|s| StreamFigures::new(s, &per_vcpu));
-        let host_stream = (config.compare_host && stream.is_some() && stopped_by.is_none())
-            .then(|| {
+        let host_stream =
+            (config.compare_host && stream.is_some() && stopped_by.is_none()).then(|| {
                 host_stream::run(
                     ram.memory(),
                     &per_vcpu,
@@ -413,7 +435,12 @@ impl Vmm {
             .min()
             .map(|t| ms(t.duration_since(started)));
         threads.sort_by_key(|t| t.vcpu);
-        let node_cpus = |node: u32| plan.host.node(node).map(|n| n.cpus.clone()).unwrap_or_default();
+        let node_cpus = |node: u32| {
+            plan.host
+                .node(node)
+                .map(|n| n.cpus.clone())
+                .unwrap_or_default()
+        };
         Ok(RunReport {
             layout: LayoutOut::new(layout, plan.pins.as_ref(), &node_cpus, &plan.cpus),
             pinning: plan.pins.clone(),

@@ -382,7 +382,10 @@ pub struct Topology {
 impl Default for Topology {
     fn default() -> Self {
         Self {
-            cpus: [SeenCpu { apic_id: 0, node: 0 }; MAX_VCPUS as usize],
+            cpus: [SeenCpu {
+                apic_id: 0,
+                node: 0,
+            }; MAX_VCPUS as usize],
             cpu_count: 0,
             ranges: [SeenRange {
                 node: 0,
@@ -728,10 +731,9 @@ mod tests {
             ..StreamSummary::default()
         };
         s.groups[1].node = TOTAL_GROUP;
-        let n = MessageHeader::write_message(&mut buf, MessageKind::StreamSummary, 0, |w| {
-            s.write(w)
-        })
-        .unwrap();
+        let n =
+            MessageHeader::write_message(&mut buf, MessageKind::StreamSummary, 0, |w| s.write(w))
+                .unwrap();
         let (_, p) = MessageHeader::read_message(&buf[..n]).unwrap();
         assert_eq!(StreamSummary::read(p).unwrap(), s);
     }

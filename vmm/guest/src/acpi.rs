@@ -133,7 +133,10 @@ fn read_table<'b>(mem: &dyn PhysMem, addr: u64, buf: &'b mut [u8]) -> Result<Tab
 }
 
 /// Walks the entries of MADT/SRAT: `(type, entry bytes)` for each well-formed entry.
-fn entries(body: &[u8], mut f: impl FnMut(u8, &[u8]) -> Result<(), AcpiError>) -> Result<(), AcpiError> {
+fn entries(
+    body: &[u8],
+    mut f: impl FnMut(u8, &[u8]) -> Result<(), AcpiError>,
+) -> Result<(), AcpiError> {
     let mut off = 0;
     while off + 2 <= body.len() {
         let (kind, len) = (body[off], body[off + 1] as usize);
@@ -181,9 +184,16 @@ pub fn read_topology(
     let madt = found[0].ok_or(AcpiError::Missing(*b"APIC"))?;
     let srat = found[1].ok_or(AcpiError::Missing(*b"SRAT"))?;
     let b = read_table(mem, madt, scratch)?.bytes;
-    read_madt(b.get(HEADER_LEN + 8..).ok_or(AcpiError::Length(*b"APIC"))?, out)?;
+    read_madt(
+        b.get(HEADER_LEN + 8..).ok_or(AcpiError::Length(*b"APIC"))?,
+        out,
+    )?;
     let b = read_table(mem, srat, scratch)?.bytes;
-    read_srat(b.get(HEADER_LEN + 12..).ok_or(AcpiError::Length(*b"SRAT"))?, out)?;
+    read_srat(
+        b.get(HEADER_LEN + 12..)
+            .ok_or(AcpiError::Length(*b"SRAT"))?,
+        out,
+    )?;
     if let Some(slit) = found[2] {
         let b = read_table(mem, slit, scratch)?.bytes;
         read_slit(b.get(HEADER_LEN..).ok_or(AcpiError::Length(*b"SLIT"))?, out)?;
@@ -206,7 +216,10 @@ fn read_madt(body: &[u8], out: &mut Topology) -> Result<(), AcpiError> {
                 .get_mut(out.cpu_count as usize)
                 .ok_or(AcpiError::TooMany(*b"APIC"))?;
             // The node is filled in from the SRAT; u32::MAX marks "no affinity entry".
-            *slot = SeenCpu { apic_id, node: u32::MAX };
+            *slot = SeenCpu {
+                apic_id,
+                node: u32::MAX,
+            };
             out.cpu_count += 1;
         }
         Ok(())
@@ -219,18 +232,27 @@ fn read_srat(body: &[u8], out: &mut Topology) -> Result<(), AcpiError> {
             // Processor Local APIC/SAPIC Affinity: domain bits 7:0 at 2, APIC id at 3, flags at 4,
             // domain bits 31:8 at 9..12.
             0 if e.len() >= 16 && u32_at(e, 4) & 1 != 0 => {
-                let node = u32::from(e[2]) | (u32::from(e[9]) << 8) | (u32::from(e[10]) << 16) | (u32::from(e[11]) << 24);
+                let node = u32::from(e[2])
+                    | (u32::from(e[9]) << 8)
+                    | (u32::from(e[10]) << 16)
+                    | (u32::from(e[11]) << 24);
                 set_cpu_node(out, u32::from(e[3]), node);
             }
             // Processor Local x2APIC Affinity: domain at 4, x2APIC id at 8, flags at 12.
-            2 if e.len() >= 24 && u32_at(e, 12) & 1 != 0 => set_cpu_node(out, u32_at(e, 8), u32_at(e, 4)),
+            2 if e.len() >= 24 && u32_at(e, 12) & 1 != 0 => {
+                set_cpu_node(out, u32_at(e, 8), u32_at(e, 4))
+            }
             // Memory Affinity: domain at 2, base at 8, length at 16, flags at 28.
             1 if e.len() >= 40 && u32_at(e, 28) & 1 != 0 => {
                 let slot = out
                     .ranges
                     .get_mut(out.range_count as usize)
                     .ok_or(AcpiError::TooMany(*b"SRAT"))?;
-                *slot = SeenRange { node: u32_at(e, 2), base: u64_at(e, 8), len: u64_at(e, 16) };
+                *slot = SeenRange {
+                    node: u32_at(e, 2),
+                    base: u64_at(e, 8),
+                    len: u64_at(e, 16),
+                };
                 out.range_count += 1;
             }
             _ => {}
@@ -264,7 +286,10 @@ fn read_slit(body: &[u8], out: &mut Topology) -> Result<(), AcpiError> {
 
 /// Index (CPU number) of the processor with this APIC id.
 pub fn cpu_index(topo: &Topology, apic_id: u32) -> Option<u32> {
-    topo.cpus().iter().position(|c| c.apic_id == apic_id).map(|i| i as u32)
+    topo.cpus()
+        .iter()
+        .position(|c| c.apic_id == apic_id)
+        .map(|i| i as u32)
 }
 
 #[cfg(test)]
@@ -274,7 +299,10 @@ mod tests {
     #[test]
     fn empty_memory_has_no_rsdp() {
         let mem = vec![0u8; 0x10_0000];
-        let m = SliceMem { base: 0, bytes: &mem };
+        let m = SliceMem {
+            base: 0,
+            bytes: &mem,
+        };
         assert_eq!(find_xsdt(&m), Err(AcpiError::NoRsdp));
     }
 
@@ -302,7 +330,10 @@ mod tests {
             mem[at + 32] = 0;
             mem[at + 8] = 0u8.wrapping_sub(sum(&mem[at..at + 20]));
             mem[at + 32] = 0u8.wrapping_sub(sum(&mem[at..at + 36]));
-            let m = SliceMem { base: 0, bytes: &mem };
+            let m = SliceMem {
+                base: 0,
+                bytes: &mem,
+            };
             assert_eq!(find_xsdt(&m), Ok(xsdt));
             assert!(read_topology(&m, &mut scratch, &mut topo).is_err());
         }

@@ -10,9 +10,9 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::abi::{
-    GuestConfig, MessageHeader, CPUID_MARK, CPUID_TIMING_LEAF, MessageKind, StreamSummary, Topology, Writer, CONFIG_GPA,
-    MAILBOX_GPA, MAILBOX_STRIDE, MAX_LOCALITIES, MAX_PASSES, MAX_VCPUS, PORT_COM1, PORT_REPORT,
-    RESERVED_END, STACKS_GPA, STACK_SIZE,
+    GuestConfig, MessageHeader, MessageKind, StreamSummary, Topology, Writer, CONFIG_GPA,
+    CPUID_MARK, CPUID_TIMING_LEAF, MAILBOX_GPA, MAILBOX_STRIDE, MAX_LOCALITIES, MAX_PASSES,
+    MAX_VCPUS, PORT_COM1, PORT_REPORT, RESERVED_END, STACKS_GPA, STACK_SIZE,
 };
 use crate::acpi::{self, PhysMem};
 use crate::stream::{rdtsc, Arrays, Run, SpinBarrier, TimingTable, GUEST_TIMING_SLOTS};
@@ -44,9 +44,16 @@ struct Published<T>(UnsafeCell<T>);
 unsafe impl<T> Sync for Published<T> {}
 
 static TOPOLOGY: Published<Topology> = Published(UnsafeCell::new(Topology {
-    cpus: [crate::abi::SeenCpu { apic_id: 0, node: 0 }; MAX_VCPUS as usize],
+    cpus: [crate::abi::SeenCpu {
+        apic_id: 0,
+        node: 0,
+    }; MAX_VCPUS as usize],
     cpu_count: 0,
-    ranges: [crate::abi::SeenRange { node: 0, base: 0, len: 0 }; crate::abi::MAX_SEEN_RANGES],
+    ranges: [crate::abi::SeenRange {
+        node: 0,
+        base: 0,
+        len: 0,
+    }; crate::abi::MAX_SEEN_RANGES],
     range_count: 0,
     distances: [0; MAX_LOCALITIES * MAX_LOCALITIES],
     localities: 0,
@@ -120,7 +127,10 @@ impl core::fmt::Write for TextBuf<'_> {
 /// Reports why the guest gives up, says it is done (status 1) and stops.
 fn fatal(vcpu: u32, args: core::fmt::Arguments<'_>) -> ! {
     let mut text = [0u8; 512];
-    let mut t = TextBuf { buf: &mut text, len: 0 };
+    let mut t = TextBuf {
+        buf: &mut text,
+        len: 0,
+    };
     let _ = t.write_fmt(args);
     let len = t.len;
     send(vcpu, MessageKind::Fatal, |w| w.bytes(&text[..len]));
@@ -171,7 +181,12 @@ fn my_slice(topo: &Topology, node: u32, rank: u32, count: u32) -> Option<(u64, u
         let end = (r.base + r.len) / MIB2 * MIB2;
         (start < end).then_some((start, end - start))
     };
-    let ranges = || topo.ranges().iter().filter(|r| r.node == node).filter_map(usable);
+    let ranges = || {
+        topo.ranges()
+            .iter()
+            .filter(|r| r.node == node)
+            .filter_map(usable)
+    };
     let total: u64 = ranges().map(|(_, len)| len).sum();
     let mut slice = total / u64::from(count.max(1)) / PAGE * PAGE;
     while slice >= MIB2 {
@@ -203,7 +218,10 @@ pub extern "C" fn _start(vcpu: u64) -> ! {
         fatal(me, format_args!("no guest config at {CONFIG_GPA:#x}"));
     };
     if cfg.passes < 2 || cfg.passes > MAX_PASSES {
-        fatal(me, format_args!("passes {} outside 2..={MAX_PASSES}", cfg.passes));
+        fatal(
+            me,
+            format_args!("passes {} outside 2..={MAX_PASSES}", cfg.passes),
+        );
     }
 
     if me == 0 {
@@ -242,13 +260,22 @@ pub extern "C" fn _start(vcpu: u64) -> ! {
         },
     };
     if index != me {
-        fatal(me, format_args!("APIC id {apic} is CPU {index} in the MADT, but I am vCPU {me}"));
+        fatal(
+            me,
+            format_args!("APIC id {apic} is CPU {index} in the MADT, but I am vCPU {me}"),
+        );
     }
     let node = topo.cpus()[index as usize].node;
     let peers = topo.cpus().iter().filter(|c| c.node == node);
-    let rank = topo.cpus()[..index as usize].iter().filter(|c| c.node == node).count() as u32;
+    let rank = topo.cpus()[..index as usize]
+        .iter()
+        .filter(|c| c.node == node)
+        .count() as u32;
     let Some((base, len)) = my_slice(topo, node, rank, peers.count() as u32) else {
-        fatal(me, format_args!("vnode {node} has too little memory for STREAM"));
+        fatal(
+            me,
+            format_args!("vnode {node} has too little memory for STREAM"),
+        );
     };
     let elements = Arrays::elements_for(len);
     ELEMENTS[me as usize].store(elements as u64, Ordering::Relaxed);

@@ -6,9 +6,7 @@
 //! SSE2 explicitly: written as plain loops, the compiler turns Copy into a `memcpy` call, which
 //! would be glibc's on the host and ours in the guest.
 
-use core::arch::x86_64::{
-    __m128d, _mm_add_pd, _mm_load_pd, _mm_mul_pd, _mm_set1_pd, _mm_store_pd,
-};
+use core::arch::x86_64::{__m128d, _mm_add_pd, _mm_load_pd, _mm_mul_pd, _mm_set1_pd, _mm_store_pd};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::abi::{GroupStream, KernelResult, VcpuStream, MAX_PASSES, MAX_VCPUS, TOTAL_GROUP};
@@ -23,12 +21,7 @@ pub const BYTES_PER_ELEMENT: [u64; 4] = [16, 16, 24, 24];
 /// Applies `op` to 8-element blocks. Callers guarantee equal lengths that are a multiple of 8 and
 /// 16-byte aligned arrays (see [`Arrays::split`]).
 #[inline(always)]
-fn blocks3(
-    dst: &mut [f64],
-    x: &[f64],
-    y: &[f64],
-    op: impl Fn(__m128d, __m128d) -> __m128d,
-) {
+fn blocks3(dst: &mut [f64], x: &[f64], y: &[f64], op: impl Fn(__m128d, __m128d) -> __m128d) {
     assert!(dst.len() == x.len() && dst.len() == y.len() && dst.len() % ELEMENT_QUANTUM == 0);
     assert!((dst.as_ptr() as usize | x.as_ptr() as usize | y.as_ptr() as usize) % 16 == 0);
     let (d, x, y) = (dst.as_mut_ptr(), x.as_ptr(), y.as_ptr());
@@ -128,7 +121,12 @@ impl<'a> Arrays<'a> {
 
     /// STREAM's initialisation: a = 1, b = 2, c = 0, then `a = 2 * a` (its timer-granularity test).
     pub fn init(&mut self) {
-        for ((a, b), c) in self.a.iter_mut().zip(self.b.iter_mut()).zip(self.c.iter_mut()) {
+        for ((a, b), c) in self
+            .a
+            .iter_mut()
+            .zip(self.b.iter_mut())
+            .zip(self.c.iter_mut())
+        {
             *a = 2.0;
             *b = 2.0;
             *c = 0.0;
@@ -195,8 +193,7 @@ impl SpinBarrier {
     /// Waits until every party has arrived; `relax` runs while spinning.
     pub fn wait(&self, relax: &dyn Fn()) {
         let gen = self.generation.load(Ordering::Acquire);
-        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.parties.load(Ordering::Acquire)
-        {
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.parties.load(Ordering::Acquire) {
             self.arrived.store(0, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Release);
         } else {
@@ -305,7 +302,10 @@ impl<const SLOTS: usize> Run<'_, SLOTS> {
             for (k, r) in out.iter_mut().enumerate() {
                 r.bytes += BYTES_PER_ELEMENT[k] * n;
                 for p in 0..passes {
-                    let (s, e) = (self.timings.get(t, p, k, false), self.timings.get(t, p, k, true));
+                    let (s, e) = (
+                        self.timings.get(t, p, k, false),
+                        self.timings.get(t, p, k, true),
+                    );
                     starts[k][p as usize] = starts[k][p as usize].min(s);
                     ends[k][p as usize] = ends[k][p as usize].max(e);
                 }
@@ -356,7 +356,8 @@ impl<const SLOTS: usize> Run<'_, SLOTS> {
                 continue;
             }
             nodes_done |= bit;
-            let members = || (0..node_of.len() as u32).filter(move |&t| node_of[t as usize] == node);
+            let members =
+                || (0..node_of.len() as u32).filter(move |&t| node_of[t as usize] == node);
             out[count] = GroupStream {
                 node,
                 vcpus: members().count() as u32,
@@ -375,7 +376,9 @@ impl<const SLOTS: usize> Run<'_, SLOTS> {
 
 impl<const SLOTS: usize> core::fmt::Debug for Run<'_, SLOTS> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Run").field("passes", &self.passes).finish_non_exhaustive()
+        f.debug_struct("Run")
+            .field("passes", &self.passes)
+            .finish_non_exhaustive()
     }
 }
 
@@ -492,7 +495,10 @@ mod tests {
         assert_eq!(total[0].bytes, 3 * 16 * n as u64);
         assert_eq!(total[3].bytes, 3 * 24 * n as u64);
         for k in total {
-            assert!(k.min_ns > 0 && k.min_ns <= k.avg_ns && k.avg_ns <= k.max_ns, "{k:?}");
+            assert!(
+                k.min_ns > 0 && k.min_ns <= k.avg_ns && k.avg_ns <= k.max_ns,
+                "{k:?}"
+            );
         }
         let one = run.thread_result(2, &elements, 1_000_000);
         assert_eq!(one.kernels[1].bytes, 16 * n as u64);
