@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use numa::{GuestRange, Layout};
+use numa::Layout;
 use serde::Serialize;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
@@ -305,17 +305,6 @@ impl GuestRam {
             })
             .collect()
     }
-}
-
-/// The guest ranges of every vnode, sorted by address (KVM memory slots, e820).
-pub fn ranges(layout: &Layout) -> Vec<(u32, GuestRange)> {
-    let mut all: Vec<_> = layout
-        .vnodes
-        .iter()
-        .flat_map(|v| v.ranges.iter().map(move |r| (v.id, r.clone())))
-        .collect();
-    all.sort_by_key(|(_, r)| r.start);
-    all
 }
 
 #[cfg(test)]

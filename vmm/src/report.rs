@@ -583,7 +583,7 @@ fn stream_table(
             "  vCPU {} (vnode {}, {} MiB arrays): Copy {:.1}  Scale {:.1}  Add {:.1}  Triad {:.1} MB/s",
             t.vcpu,
             t.node,
-            t.elements * 8 >> 20,
+            (t.elements * 8) >> 20,
             k[0].mb_s,
             k[1].mb_s,
             k[2].mb_s,

@@ -3,7 +3,10 @@
 use numa::{GuestRange, Layout, Vnode};
 
 /// A layout from `(vcpus, guest ranges)` per vnode, all on host node 0.
-pub fn layout(vnodes: &[(Vec<u32>, &[(u64, u64)])], distances: Vec<Vec<u8>>) -> Layout {
+/// One vnode for [`layout`]: its vCPUs and its guest ranges as (start, end).
+pub type VnodeShape<'a> = (Vec<u32>, &'a [(u64, u64)]);
+
+pub fn layout(vnodes: &[VnodeShape<'_>], distances: Vec<Vec<u8>>) -> Layout {
     Layout {
         vnodes: vnodes
             .iter()

@@ -433,8 +433,10 @@ impl Topology {
     /// Decodes the payload.
     pub fn read(payload: &[u8]) -> Result<Self, AbiError> {
         let mut r = Reader::new(payload);
-        let mut t = Self::default();
-        t.cpu_count = r.count(8)?;
+        let mut t = Self {
+            cpu_count: r.count(8)?,
+            ..Self::default()
+        };
         if t.cpu_count > MAX_VCPUS {
             return Err(AbiError::BadCount(t.cpu_count));
         }

@@ -94,13 +94,15 @@ pub fn find_xsdt(mem: &dyn PhysMem) -> Result<u64, AcpiError> {
     let mut rsdp = [0u8; 36];
     let mut addr = 0xE_0000u64;
     while addr < 0x10_0000 {
-        if mem.read(addr, &mut rsdp[..8]) && &rsdp[..8] == RSDP_SIG {
-            if mem.read(addr, &mut rsdp) && sum(&rsdp[..20]) == 0 && rsdp[15] >= 2 {
-                let len = u32_at(&rsdp, 20) as usize;
-                if len == 36 && sum(&rsdp) == 0 {
-                    return Ok(u64_at(&rsdp, 24));
-                }
-            }
+        if mem.read(addr, &mut rsdp[..8])
+            && &rsdp[..8] == RSDP_SIG
+            && mem.read(addr, &mut rsdp)
+            && sum(&rsdp[..20]) == 0
+            && rsdp[15] >= 2
+            && u32_at(&rsdp, 20) == 36
+            && sum(&rsdp) == 0
+        {
+            return Ok(u64_at(&rsdp, 24));
         }
         addr += 16;
     }
@@ -321,7 +323,7 @@ mod tests {
             }
             // A valid RSDP pointing into the garbage, so the table walk itself is exercised.
             let at = 0xE_0000 + (round % 16) * 16;
-            let xsdt = 0xE_1000 + (seed % 0x1_0000) as u64;
+            let xsdt = 0xE_1000 + seed % 0x1_0000;
             mem[at..at + 8].copy_from_slice(RSDP_SIG);
             mem[at + 15] = 2;
             mem[at + 20..at + 24].copy_from_slice(&36u32.to_le_bytes());

@@ -77,7 +77,10 @@ fn dumped_tables_disassemble_and_match_the_layout() {
     // (ACPI 6.5 §5.2.5.3: both checksums, revision 2, length 36).
     let rsdp = std::fs::read(dir.path().join("rsdp.dat")).unwrap();
     let sum = |b: &[u8]| b.iter().fold(0u8, |a, &x| a.wrapping_add(x));
-    assert_eq!((&rsdp[..8], rsdp.len(), rsdp[15]), (&b"RSD PTR "[..], 36, 2));
+    assert_eq!(
+        (&rsdp[..8], rsdp.len(), rsdp[15]),
+        (&b"RSD PTR "[..], 36, 2)
+    );
     assert_eq!((sum(&rsdp[..20]), sum(&rsdp)), (0, 0));
 
     // MADT: one enabled local APIC per vCPU, ids as planned, in vCPU order.
