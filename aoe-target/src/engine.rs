@@ -148,6 +148,8 @@ pub struct ExportStatus {
     pub shelf: u16,
     /// Slot.
     pub slot: u8,
+    /// Advertised buffer count.
+    pub bufcnt: u16,
     /// Advertised bytes.
     pub advertised_bytes: u64,
     /// Bytes in blocks marked written in the thin map (advertised bytes without a map).
@@ -311,6 +313,7 @@ impl Engine {
                 name: format!("e{}.{}", e.spec.shelf, e.spec.slot),
                 shelf: e.spec.shelf,
                 slot: e.spec.slot,
+                bufcnt: e.spec.bufcnt,
                 advertised_bytes: e.spec.sectors * SECTOR as u64,
                 used_bytes: e
                     .map

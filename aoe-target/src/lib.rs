@@ -7,11 +7,19 @@
 //!   MAC Mask List, Reserve/Release).
 //! - [`engine`]: the target's command engine, generic over its I/O (sans-I/O).
 //! - [`thin`]: the persistent written-block map with per-block write generations.
+//! - [`store`] and [`config`]: backing stores (raw, thin, thick) and their options.
+//! - [`server`]: the AF_PACKET + io_uring event loop of the `aoe-target` binary, over the
+//!   fd wrappers in [`sys`] and [`uring`].
 
 pub mod buf;
+pub mod config;
 pub mod engine;
 pub mod ratelimit;
+pub mod server;
+pub mod store;
+pub mod sys;
 pub mod thin;
+pub mod uring;
 pub mod wire;
 
 pub use buf::FrameBuf;
