@@ -7,6 +7,7 @@
 //!   MAC Mask List, Reserve/Release).
 //! - [`engine`]: the target's command engine, generic over its I/O (sans-I/O).
 //! - [`thin`]: the persistent written-block map with per-block write generations.
+//! - [`initiator`]: the initiator core (discovery, window, RTT-based retransmit).
 //! - [`store`] and [`config`]: backing stores (raw, thin, thick) and their options.
 //! - [`server`]: the AF_PACKET + io_uring event loop of the `aoe-target` binary, over the
 //!   fd wrappers in [`sys`] and [`uring`].
@@ -14,6 +15,7 @@
 pub mod buf;
 pub mod config;
 pub mod engine;
+pub mod initiator;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

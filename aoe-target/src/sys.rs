@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -271,4 +272,18 @@ pub fn install_terminate_handler() -> io::Result<()> {
 /// True once SIGTERM or SIGINT arrived.
 pub fn terminate_requested() -> bool {
     TERMINATE.load(Ordering::SeqCst)
+}
+
+/// Runs `f` with the calling thread inside the network namespace `/run/netns/<name>` (as made
+/// by `ip netns add`), then moves the thread back. Sockets opened in `f` stay in that
+/// namespace.
+pub fn with_netns<T>(name: &str, f: impl FnOnce() -> T) -> io::Result<T> {
+    let target = File::open(Path::new("/run/netns").join(name))?;
+    let home = File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: setns on descriptors we own; CLONE_NEWNET only affects this thread.
+    cvt(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    let out = f();
+    // SAFETY: as above, returning the thread to the namespace it started in.
+    cvt(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    Ok(out)
 }
