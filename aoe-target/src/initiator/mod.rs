@@ -191,6 +191,7 @@ struct Outstanding {
     user: u64,
     frame: Vec<u8>,
     expect: usize,
+    /// When the request was submitted.
     first_sent: Instant,
     sent_at: Instant,
     retries: u32,
@@ -210,7 +211,7 @@ pub struct Session {
     rtt: RttEstimator,
     op_timeout: Duration,
     next_tag: u32,
-    queue: VecDeque<(u64, Vec<u8>, usize)>,
+    queue: VecDeque<(u64, Vec<u8>, usize, Instant)>,
     inflight: HashMap<u32, Outstanding>,
     retired: HashMap<u32, u32>,
     stats: SessionStats,
@@ -258,7 +259,8 @@ impl Session {
         Ok(s)
     }
 
-    /// How long a request may go unanswered (over retransmissions) before it fails.
+    /// How long a request may take from submission (queueing and retransmissions included)
+    /// before it fails.
     pub fn set_op_timeout(&mut self, t: Duration) {
         self.op_timeout = t;
     }
@@ -335,7 +337,7 @@ impl Session {
         write_ata_request(&mut f, aflags, cmd, lba, count)
             .map_err(|e| InitiatorError::Invalid(e.to_string()))?;
         f[ATA_DATA..ATA_DATA + data.len()].copy_from_slice(data);
-        self.queue.push_back((user, f, expect));
+        self.queue.push_back((user, f, expect, Instant::now()));
         Ok(())
     }
 
@@ -364,8 +366,16 @@ impl Session {
     pub fn poll(&mut self, wait: Duration) -> Result<Vec<Completion>, InitiatorError> {
         let mut done = Vec::new();
         let now = Instant::now();
+        // A request fails once it has waited `op_timeout` since submission, queued or not.
+        while let Some((user, _, _, at)) = self.queue.front() {
+            if now.duration_since(*at) < self.op_timeout {
+                break;
+            }
+            done.push((*user, Err(InitiatorError::Timeout(self.op_timeout))));
+            self.queue.pop_front();
+        }
         while self.inflight.len() < self.window.size() as usize {
-            let Some((user, mut frame, expect)) = self.queue.pop_front() else {
+            let Some((user, mut frame, expect, submitted)) = self.queue.pop_front() else {
                 break;
             };
             let tag = self.new_tag();
@@ -376,7 +386,7 @@ impl Session {
                     user,
                     frame,
                     expect,
-                    first_sent: now,
+                    first_sent: submitted,
                     sent_at: now,
                     retries: 0,
                     old_tags: Vec::new(),
