@@ -180,9 +180,17 @@ enum Pending {
         /// Data not yet submitted: waiting for the first generation to be durable.
         deferred: Option<FrameBuf>,
         data_done: bool,
+        /// The data went out without O_DSYNC and waits for a group fdatasync.
+        awaiting_sync: bool,
+        /// The data write was submitted with O_DSYNC.
+        dsync: bool,
         failed: Option<std::io::ErrorKind>,
         /// The buffer, back from the data write, kept for the reply.
         reply: Option<FrameBuf>,
+    },
+    /// An fdatasync covering the writes listed in the export's `sync_running`.
+    GroupSync {
+        export: usize,
     },
     Flush {
         export: usize,
@@ -208,6 +216,12 @@ struct Export {
     stats: ExportStats,
     /// Pending ids of writes waiting for map pages.
     waiting: Vec<usize>,
+    /// Data writes submitted and not completed.
+    data_writes: usize,
+    /// Writes whose data completed without O_DSYNC, for the next group fdatasync.
+    sync_queue: Vec<usize>,
+    /// Writes covered by the group fdatasync in flight (empty: none in flight).
+    sync_running: Vec<usize>,
     log: RateLimiter,
 }
 
@@ -257,6 +271,9 @@ impl Engine {
             reserve: Vec::new(),
             stats: ExportStats::default(),
             waiting: Vec::new(),
+            data_writes: 0,
+            sync_queue: Vec::new(),
+            sync_running: Vec::new(),
             log: RateLimiter::new(5, std::time::Duration::from_secs(10)),
         });
         self.exports.len() - 1
@@ -541,6 +558,8 @@ impl Engine {
             needs: needs.clone(),
             deferred: None,
             data_done: false,
+            awaiting_sync: false,
+            dsync: false,
             failed: None,
             reply: None,
         });
@@ -559,8 +578,17 @@ impl Engine {
         }
     }
 
+    /// Submits a data write. Durable mode: a lone write goes out with O_DSYNC (one round
+    /// trip); a write that joins others in flight goes out plain and is made durable by one
+    /// fdatasync shared by every write that completed meanwhile (group commit), so a queue of
+    /// writes costs one cache flush instead of one each.
     fn submit_data_write(&mut self, e: usize, id: usize, buf: FrameBuf, offset: u64, len: usize) {
-        let durable = !self.exports[e].spec.writeback;
+        let ex = &mut self.exports[e];
+        let durable = !ex.spec.writeback && ex.data_writes == 0 && ex.sync_queue.is_empty();
+        ex.data_writes += 1;
+        if let Some(Some(Pending::Write { dsync, .. })) = self.pending.get_mut(id) {
+            *dsync = durable;
+        }
         self.actions.push_back(Action::Io(IoRequest {
             id,
             export: e,
@@ -638,8 +666,11 @@ impl Engine {
     pub fn on_io_done(&mut self, id: usize, res: std::io::Result<usize>, buf: FrameBuf) {
         match self.pending.get_mut(id) {
             Some(Some(Pending::Write {
+                export,
                 len,
                 data_done,
+                awaiting_sync,
+                dsync,
                 failed,
                 reply,
                 ..
@@ -654,6 +685,14 @@ impl Engine {
                     };
                 }
                 *reply = Some(buf);
+                let e = *export;
+                let ex = &mut self.exports[e];
+                ex.data_writes -= 1;
+                if failed.is_none() && !*dsync && !ex.spec.writeback {
+                    *awaiting_sync = true;
+                    ex.sync_queue.push(id);
+                    self.start_group_sync(e);
+                }
                 return self.try_finish_write(id);
             }
             Some(Some(Pending::Flush {
@@ -699,6 +738,28 @@ impl Engine {
                     self.try_finish_write(wid);
                 }
             }
+            Some(Pending::GroupSync { export }) => {
+                let covered = std::mem::take(&mut self.exports[export].sync_running);
+                let failed = res.as_ref().err().map(std::io::Error::kind);
+                if let Err(err) = &res {
+                    self.io_error(export, "fdatasync", &Err(std::io::Error::from(err.kind())));
+                }
+                for wid in covered {
+                    if let Some(Some(Pending::Write {
+                        awaiting_sync,
+                        failed: f,
+                        ..
+                    })) = self.pending.get_mut(wid)
+                    {
+                        *awaiting_sync = false;
+                        if f.is_none() {
+                            *f = failed;
+                        }
+                    }
+                    self.try_finish_write(wid);
+                }
+                self.start_group_sync(export);
+            }
             Some(Pending::MapHeader) => {
                 if let Err(err) = res {
                     log::warn!("thin map header write failed: {err}");
@@ -706,6 +767,24 @@ impl Engine {
             }
             Some(Pending::Write { .. }) | None => self.recycle(buf),
         }
+    }
+
+    /// Issues an fdatasync for the queued writes unless one is in flight (its completion
+    /// starts the next).
+    fn start_group_sync(&mut self, e: usize) {
+        let ex = &mut self.exports[e];
+        if !ex.sync_running.is_empty() || ex.sync_queue.is_empty() {
+            return;
+        }
+        ex.sync_running = std::mem::take(&mut ex.sync_queue);
+        let id = self.new_id(Pending::GroupSync { export: e });
+        self.actions.push_back(Action::Io(IoRequest {
+            id,
+            export: e,
+            target: IoTarget::Data,
+            op: IoOp::Sync,
+            buf: FrameBuf::page(0),
+        }));
     }
 
     fn read_done(&mut self, e: usize, len: usize, res: std::io::Result<usize>, mut buf: FrameBuf) {
@@ -746,13 +825,14 @@ impl Engine {
                 needs,
                 deferred,
                 data_done,
+                awaiting_sync,
                 ..
             })) => {
                 let durable = self.map_durable(*export, needs);
                 (
                     *export,
                     deferred.is_some() && durable,
-                    *data_done && durable,
+                    *data_done && durable && !*awaiting_sync,
                 )
             }
             _ => return,
@@ -1089,6 +1169,11 @@ impl MemBackend {
     /// I/O held so far.
     pub fn held(&self) -> usize {
         self.held.len()
+    }
+
+    /// The operations held so far, in submission order.
+    pub fn held_ops(&self) -> Vec<(IoTarget, IoOp)> {
+        self.held.iter().map(|r| (r.target, r.op)).collect()
     }
 
     /// Completes held I/O number `i` (in submission order) and runs what follows.

@@ -6,7 +6,7 @@ use aoe_target::wire::{
     MaskCmd, MaskDirective, ReserveArg, ReserveCmd, AFLAG_EXTENDED, AFLAG_WRITE, ATA_DATA,
     BROADCAST_MAJOR, BROADCAST_MINOR,
 };
-use aoe_target::{Engine, ExportSpec, FrameBuf, MemBackend, ThinMap};
+use aoe_target::{Engine, ExportSpec, FrameBuf, IoOp, IoTarget, MemBackend, ThinMap};
 
 const ME: Mac = Mac([0x02, 0, 0, 0, 0, 0x99]);
 const HOST: Mac = Mac([0x02, 0, 0, 0, 0, 0x01]);
@@ -429,6 +429,66 @@ fn reserve_release() {
     let mut t = rr(HOST, ReserveCmd::ForceSet, &[HOST]);
     t[25] = 100;
     assert_eq!(aoe_error(&rig.one(&t)), Some(2));
+}
+
+#[test]
+fn concurrent_durable_writes_share_one_fdatasync() {
+    let mut rig = Rig::new(2);
+    rig.io.hold = true;
+    let d = pattern(1, 1024);
+    for lba in [0, 2, 4, 6] {
+        rig.exchange(&write_ext(HOST, lba, &d));
+    }
+    let ops = rig.io.held_ops();
+    let dsync: Vec<bool> = ops
+        .iter()
+        .map(|(_, op)| matches!(op, IoOp::Write { durable: true, .. }))
+        .collect();
+    assert_eq!(
+        dsync,
+        vec![true, false, false, false],
+        "a lone write uses O_DSYNC, joiners do not"
+    );
+    // The first completes on its own.
+    rig.io.release(&mut rig.engine, 0);
+    assert_eq!(rig.io.sent.len(), 1);
+    // The second's data completes: an fdatasync starts for it; no ack before it ends.
+    rig.io.release(&mut rig.engine, 0);
+    assert_eq!(rig.io.held_ops()[2], (IoTarget::Data, IoOp::Sync));
+    assert_eq!(rig.io.sent.len(), 1);
+    // The third and fourth complete while that sync runs: they wait for the next one.
+    rig.io.release(&mut rig.engine, 0);
+    rig.io.release(&mut rig.engine, 0);
+    assert_eq!(rig.io.held_ops(), vec![(IoTarget::Data, IoOp::Sync)]);
+    rig.io.release(&mut rig.engine, 0);
+    assert_eq!(rig.io.sent.len(), 2);
+    // One fdatasync covers both.
+    assert_eq!(rig.io.held_ops(), vec![(IoTarget::Data, IoOp::Sync)]);
+    rig.io.release(&mut rig.engine, 0);
+    assert_eq!(rig.io.sent.len(), 4);
+    assert!(rig.io.sent.iter().all(|r| status(r) == (0x40, 0, 0)));
+    assert_eq!(rig.engine.outstanding(), 0);
+    // Write-back mode never syncs.
+    let mut wb = Rig::with(
+        2,
+        ExportSpec {
+            writeback: true,
+            ..spec()
+        },
+        None,
+    );
+    wb.io.hold = true;
+    wb.exchange(&write_ext(HOST, 0, &d));
+    wb.exchange(&write_ext(HOST, 2, &d));
+    assert!(wb
+        .io
+        .held_ops()
+        .iter()
+        .all(|(_, op)| matches!(op, IoOp::Write { durable: false, .. })));
+    wb.io.release(&mut wb.engine, 0);
+    wb.io.release(&mut wb.engine, 0);
+    assert_eq!(wb.io.sent.len(), 2);
+    assert_eq!(wb.io.held(), 0);
 }
 
 #[test]

@@ -60,7 +60,9 @@ impl Window {
     }
 }
 
-/// Round-trip estimator and retransmit timeout (Jacobson/Karels: `srtt + 4·rttvar`), with a
+/// Round-trip estimator and retransmit timeout (`2·srtt + 4·rttvar`: Jacobson/Karels with the
+/// smoothed term doubled, as the Linux driver's `2·avg + 8·mdev`, because a storage target's
+/// service time swings with disk queueing, not only with the network), with a
 /// floor in milliseconds — where the Linux driver's first timeout is seconds (aoe-anchors
 /// §1.8) — and exponential backoff on consecutive timeouts.
 #[derive(Debug, Clone)]
@@ -116,7 +118,7 @@ impl RttEstimator {
     pub fn rto(&self) -> Duration {
         let base = match self.srtt {
             None => self.initial,
-            Some(s) => s + self.rttvar * 4,
+            Some(s) => s * 2 + self.rttvar * 4,
         };
         (base.max(self.floor) * (1 << self.backoff)).min(self.ceiling)
     }
@@ -155,10 +157,10 @@ mod tests {
 
     #[test]
     fn rto_has_a_millisecond_floor_and_backs_off() {
-        let mut r = RttEstimator::new(Duration::from_millis(5), Duration::from_millis(100));
+        let mut r = RttEstimator::new(Duration::from_millis(10), Duration::from_millis(100));
         assert_eq!(r.rto(), Duration::from_millis(100));
         r.sample(Duration::from_micros(200));
-        assert_eq!(r.rto(), Duration::from_millis(5), "floor");
+        assert_eq!(r.rto(), Duration::from_millis(10), "floor");
         for _ in 0..50 {
             r.sample(Duration::from_millis(20));
         }

@@ -237,7 +237,7 @@ impl Session {
             })?;
         let mut s = Session {
             window: Window::new(target.bufcnt, 256),
-            rtt: RttEstimator::new(Duration::from_millis(5), Duration::from_millis(100)),
+            rtt: RttEstimator::new(Duration::from_millis(10), Duration::from_millis(100)),
             op_timeout: Duration::from_secs(30),
             next_tag: 0,
             queue: VecDeque::new(),
