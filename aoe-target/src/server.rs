@@ -1,0 +1,385 @@
+//! The target's event loop: one AF_PACKET socket and one io_uring carry the frames and the
+//! backing I/O of every export on an interface. Receives, sends and disk I/O are all queued on
+//! the ring, so many requests are in flight at once (up to each export's buffer count).
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::config::TargetOptions;
+use crate::engine::{Action, Engine, ExportSpec, IoOp, IoTarget};
+use crate::store::{Backing, StoreError};
+use crate::sys::{self, PacketSocket, SysError};
+use crate::uring::{Op, Uring};
+use crate::wire::{
+    sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac, BROADCAST_MAJOR, HEADER_LEN,
+    MIN_FRAME_LEN,
+};
+
+const KIND_SHIFT: u32 = 62;
+const RECV: u64 = 1 << KIND_SHIFT;
+const SEND: u64 = 2 << KIND_SHIFT;
+const IO: u64 = 3 << KIND_SHIFT;
+const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// Errors of the target.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Socket or interface trouble.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// A backing store cannot be used.
+    #[error("e{shelf}.{slot}")]
+    Store {
+        /// Shelf.
+        shelf: u16,
+        /// Slot.
+        slot: u8,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+    /// Another target answers for the address.
+    #[error("e{shelf}.{slot} is already served on {iface} by {mac}")]
+    Taken {
+        /// Shelf.
+        shelf: u16,
+        /// Slot.
+        slot: u8,
+        /// Interface.
+        iface: String,
+        /// The other target.
+        mac: Mac,
+    },
+    /// io_uring or the socket failed while running.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running target.
+#[derive(Debug)]
+pub struct Server {
+    iface: String,
+    sock: PacketSocket,
+    engine: Engine,
+    backings: Vec<Backing>,
+    status_file: Option<PathBuf>,
+    started: Instant,
+}
+
+impl Server {
+    /// Opens the interface and every backing store, and checks that no other target on the
+    /// segment answers for our addresses (waiting `probe` for replies; zero skips the check).
+    pub fn open(opts: &TargetOptions, probe: Duration) -> Result<Server, ServerError> {
+        let rcvbuf = opts
+            .exports
+            .iter()
+            .map(|e| usize::from(e.bufcnt))
+            .sum::<usize>()
+            * 10_000
+            * 2;
+        let sock = PacketSocket::open(&opts.interface, rcvbuf.max(4 << 20))?;
+        let mut engine = Engine::new(sock.mac(), sectors_per_frame(sock.mtu()));
+        let mut backings = Vec::new();
+        for o in &opts.exports {
+            let store_err = |source| ServerError::Store {
+                shelf: o.shelf,
+                slot: o.slot,
+                source,
+            };
+            if !probe.is_zero() {
+                if let Some(mac) = probe_taken(&sock, o.shelf, o.slot, probe)? {
+                    return Err(ServerError::Taken {
+                        shelf: o.shelf,
+                        slot: o.slot,
+                        iface: opts.interface.clone(),
+                        mac,
+                    });
+                }
+            }
+            let mut b = Backing::open(o).map_err(store_err)?;
+            let spec = ExportSpec {
+                shelf: o.shelf,
+                slot: o.slot,
+                sectors: b.sectors,
+                bufcnt: o.bufcnt,
+                config: o.config.as_bytes().to_vec(),
+                masks: o.mask_macs().map_err(|e| store_err(e.into()))?,
+                serial: format!("{}.{}:{}", o.shelf, o.slot, hostname()),
+                writeback: o.writeback,
+                read_only: o.read_only,
+            };
+            engine.add_export(spec, b.map.take());
+            backings.push(b);
+        }
+        Ok(Server {
+            iface: opts.interface.clone(),
+            sock,
+            engine,
+            backings,
+            status_file: opts.status_file.clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The interface MAC.
+    pub fn mac(&self) -> Mac {
+        self.sock.mac()
+    }
+
+    /// The interface MTU.
+    pub fn mtu(&self) -> u32 {
+        self.sock.mtu()
+    }
+
+    /// The status as JSON: interface, exports, counters, used vs advertised bytes.
+    pub fn status(&self) -> serde_json::Value {
+        let exports: Vec<serde_json::Value> = self
+            .engine
+            .status()
+            .into_iter()
+            .zip(&self.backings)
+            .map(|(s, b)| {
+                let mut v = serde_json::to_value(s).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("allocated_bytes".into(), b.allocated_bytes().into());
+                    o.insert("o_direct".into(), b.direct.into());
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "interface": self.iface,
+            "mac": self.sock.mac().to_string(),
+            "mtu": self.sock.mtu(),
+            "sectors_per_frame": sectors_per_frame(self.sock.mtu()),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "outstanding": self.engine.outstanding(),
+            "ignored_frames": self.engine.ignored(),
+            "exports": exports,
+        })
+    }
+
+    fn write_status(&self) {
+        let Some(path) = &self.status_file else {
+            return;
+        };
+        if let Err(e) = write_atomic(path, &self.status()) {
+            log::warn!("status file {}: {e}", path.display());
+        }
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains: stops receiving, lets every request in
+    /// flight complete and be answered, syncs the files, writes and returns the final status.
+    pub fn run(mut self) -> Result<serde_json::Value, ServerError> {
+        let io = |what| move |source| ServerError::Io { what, source };
+        sys::install_terminate_handler().map_err(io("signal handler"))?;
+        let nrecv = (self.engine.total_bufcnt() + 16).max(32);
+        let entries = (nrecv * 4).next_power_of_two().clamp(256, 4096);
+        let mut ring =
+            Uring::new(u32::try_from(entries).unwrap_or(4096)).map_err(io("io_uring"))?;
+        let fd = self.sock.as_raw_fd();
+        for _ in 0..nrecv {
+            let b = self.engine.alloc();
+            ring.push(Op::Recv(fd), RECV, b).map_err(io("io_uring"))?;
+        }
+        self.announce();
+        self.write_status();
+        let mut draining = false;
+        let mut last_status = Instant::now();
+        loop {
+            for c in ring
+                .wait(Duration::from_millis(200))
+                .map_err(io("io_uring"))?
+            {
+                match c.token & !ID_MASK {
+                    RECV => {
+                        let mut buf = c.buf;
+                        match c.result {
+                            Ok(n) => {
+                                buf.set_len(n);
+                                self.engine.on_frame(buf);
+                            }
+                            Err(_) => self.engine.recycle(buf),
+                        }
+                        if !draining {
+                            let b = self.engine.alloc();
+                            ring.push(Op::Recv(fd), RECV, b).map_err(io("io_uring"))?;
+                        }
+                    }
+                    SEND => {
+                        if let Err(e) = c.result {
+                            log::debug!("send failed: {e}");
+                        }
+                        self.engine.recycle(c.buf);
+                    }
+                    _ => {
+                        let id = usize::try_from(c.token & ID_MASK).unwrap_or(usize::MAX);
+                        self.engine.on_io_done(id, c.result, c.buf);
+                    }
+                }
+            }
+            self.submit_actions(&mut ring).map_err(io("io_uring"))?;
+            if last_status.elapsed() >= Duration::from_secs(1) {
+                self.write_status();
+                last_status = Instant::now();
+            }
+            if sys::terminate_requested() && !draining {
+                log::info!(
+                    "terminating: draining {} requests",
+                    self.engine.outstanding()
+                );
+                draining = true;
+                ring.cancel_receives().map_err(io("io_uring"))?;
+            }
+            if draining && self.engine.outstanding() == 0 && ring.in_flight() == 0 {
+                break;
+            }
+        }
+        for b in &self.backings {
+            b.data.sync_all().map_err(io("sync"))?;
+            if let Some(f) = &b.map_file {
+                f.sync_all().map_err(io("sync"))?;
+            }
+        }
+        self.write_status();
+        Ok(self.status())
+    }
+
+    fn submit_actions(&mut self, ring: &mut Uring) -> std::io::Result<()> {
+        let sock = self.sock.as_raw_fd();
+        while let Some(a) = self.engine.next_action() {
+            match a {
+                Action::Send(buf) => ring.push(Op::Send(sock), SEND, buf)?,
+                Action::Io(req) => {
+                    let b = &self.backings[req.export];
+                    let fd = match (req.target, &b.map_file) {
+                        (IoTarget::Map, Some(f)) => f.as_raw_fd(),
+                        _ => b.data.as_raw_fd(),
+                    };
+                    let op = match req.op {
+                        IoOp::Read { offset, len } => Op::Read { fd, offset, len },
+                        IoOp::Write {
+                            offset,
+                            len,
+                            durable,
+                        } => Op::Write {
+                            fd,
+                            offset,
+                            len,
+                            dsync: durable,
+                        },
+                        IoOp::Sync => Op::Sync(fd),
+                    };
+                    ring.push(op, IO | req.id as u64, req.buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Broadcasts one unsolicited Config reply per export at start-up, as vblade does (but
+    /// with the version nibble set, aoe-anchors §1.6).
+    fn announce(&self) {
+        for s in self.engine.status() {
+            let mut f = vec![0u8; 64];
+            let req = Header::request(
+                self.sock.mac(),
+                Mac::BROADCAST,
+                s.shelf,
+                s.slot,
+                Command::Config,
+                0,
+            );
+            let hdr = req.reply(self.sock.mac(), s.shelf, s.slot);
+            let hdr = Header {
+                dst: Mac::BROADCAST,
+                ..hdr
+            };
+            let arg = ConfigArg {
+                buffer_count: s.bufcnt,
+                firmware: crate::engine::FIRMWARE_VERSION,
+                sector_count: sectors_per_frame(self.sock.mtu()),
+                version: crate::wire::AOE_VERSION,
+                ccmd: ConfigCmd::Read,
+                string: s.config.as_bytes(),
+            };
+            f.resize(HEADER_LEN + 8 + s.config.len() + MIN_FRAME_LEN, 0);
+            if hdr.write(&mut f).is_ok() {
+                if let Ok(n) = arg.write(&mut f) {
+                    f.truncate(n.max(MIN_FRAME_LEN));
+                    let _ = self.sock.send(&f);
+                }
+            }
+        }
+    }
+}
+
+/// Sends a Query Config for `shelf.slot` and reports the MAC of any other target answering
+/// within `wait`.
+pub fn probe_taken(
+    sock: &PacketSocket,
+    shelf: u16,
+    slot: u8,
+    wait: Duration,
+) -> Result<Option<Mac>, ServerError> {
+    let io = |source| ServerError::Io {
+        what: "probe",
+        source,
+    };
+    let tag = 0x8000_0000 | (std::process::id() & 0x7fff_ffff);
+    let mut f = vec![0u8; MIN_FRAME_LEN];
+    Header::request(
+        Mac::BROADCAST,
+        sock.mac(),
+        shelf,
+        slot,
+        Command::Config,
+        tag,
+    )
+    .write(&mut f)
+    .map_err(|_| io(std::io::Error::other("frame")))?;
+    if let Err(e) = sock.send(&f) {
+        // A link without carrier (a tap no VM has opened yet) cannot carry the probe.
+        log::warn!("cannot probe for e{shelf}.{slot} ({e}); not checking for a duplicate");
+        return Ok(None);
+    }
+    let deadline = Instant::now() + wait;
+    let mut buf = vec![0u8; 16384];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Some(n) = sock.recv_timeout(&mut buf, left).map_err(io)? else {
+            continue;
+        };
+        if let Ok(h) = Header::parse(&buf[..n]) {
+            if h.response
+                && h.command == Command::Config
+                && h.major == shelf
+                && h.major != BROADCAST_MAJOR
+                && h.minor == slot
+                && h.src != sock.mac()
+            {
+                return Ok(Some(h.src));
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn write_atomic(path: &Path, v: &serde_json::Value) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(v)?)?;
+    std::fs::rename(&tmp, path)
+}

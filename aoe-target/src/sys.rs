@@ -1,0 +1,289 @@
+//! Small wrappers over the Linux calls std does not offer: AF_PACKET sockets, interface
+//! queries, fallocate, O_DIRECT alignment, signal flags. All `unsafe` of the crate lives here.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::wire::{Mac, ETHERTYPE_AOE};
+
+/// Errors of the system wrappers.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// The interface does not exist.
+    #[error("network interface {0:?} does not exist")]
+    NoInterface(String),
+    /// A system call failed.
+    #[error("{what}")]
+    Call {
+        /// What was attempted.
+        what: String,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn call(what: impl Into<String>) -> impl FnOnce(io::Error) -> SysError {
+    let what = what.into();
+    move |source| SysError::Call { what, source }
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// A raw AF_PACKET socket bound to one interface and the AoE EtherType.
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: OwnedFd,
+    ifindex: i32,
+    mac: Mac,
+    mtu: u32,
+}
+
+fn ifreq(name: &str) -> Result<libc::ifreq, SysError> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ {
+        return Err(SysError::NoInterface(name.into()));
+    }
+    // SAFETY: ifreq is a plain C struct for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+impl PacketSocket {
+    /// Opens a socket on `iface` receiving only EtherType 0x88A2, with `rcvbuf` bytes of
+    /// receive buffer (forced past rmem_max when running as root).
+    pub fn open(iface: &str, rcvbuf: usize) -> Result<PacketSocket, SysError> {
+        let cname = CString::new(iface).map_err(|_| SysError::NoInterface(iface.into()))?;
+        // SAFETY: cname is a valid NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(SysError::NoInterface(iface.into()));
+        }
+        let proto = ETHERTYPE_AOE.to_be();
+        // SAFETY: plain socket(2) call with constant arguments; the result is checked.
+        let raw = cvt(unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::c_int::from(proto),
+            )
+        })
+        .map_err(call("socket(AF_PACKET)"))?;
+        // SAFETY: raw is a freshly created descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let ifindex = i32::try_from(ifindex).map_err(|_| SysError::NoInterface(iface.into()))?;
+        // SAFETY: sockaddr_ll is a plain C struct for which all-zero bytes are valid.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex;
+        // SAFETY: sll is a valid sockaddr_ll and the length passed is its size.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        })
+        .map_err(call(format!("bind to {iface}")))?;
+        let mut req = ifreq(iface)?;
+        // SAFETY: SIOCGIFHWADDR fills the ifreq we own; the fd is a valid socket.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) })
+            .map_err(call(format!("SIOCGIFHWADDR {iface}")))?;
+        // SAFETY: after SIOCGIFHWADDR the union holds ifru_hwaddr.
+        let sa = unsafe { req.ifr_ifru.ifru_hwaddr };
+        let mut mac = [0u8; 6];
+        for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
+            *d = *s as u8;
+        }
+        let mut req = ifreq(iface)?;
+        // SAFETY: SIOCGIFMTU fills the ifreq we own; the fd is a valid socket.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })
+            .map_err(call(format!("SIOCGIFMTU {iface}")))?;
+        // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
+        let mtu = u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500);
+        let s = PacketSocket {
+            fd,
+            ifindex,
+            mac: Mac(mac),
+            mtu,
+        };
+        let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+        if s.setsockopt(libc::SO_RCVBUFFORCE, size).is_err() {
+            let _ = s.setsockopt(libc::SO_RCVBUF, size);
+        }
+        if s.setsockopt(libc::SO_SNDBUFFORCE, size).is_err() {
+            let _ = s.setsockopt(libc::SO_SNDBUF, size);
+        }
+        Ok(s)
+    }
+
+    fn setsockopt(&self, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+        // SAFETY: v is a valid c_int and its size is passed; the fd is a valid socket.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })
+        .map(|_| ())
+    }
+
+    /// The interface's MAC address.
+    pub fn mac(&self) -> Mac {
+        self.mac
+    }
+
+    /// The interface's MTU.
+    pub fn mtu(&self) -> u32 {
+        self.mtu
+    }
+
+    /// The interface index.
+    pub fn ifindex(&self) -> i32 {
+        self.ifindex
+    }
+
+    /// Sends one frame.
+    pub fn send(&self, frame: &[u8]) -> io::Result<usize> {
+        // SAFETY: frame is a valid slice for the duration of the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n.unsigned_abs())
+        }
+    }
+
+    /// Receives one frame, waiting at most `timeout` (`Ok(None)` on timeout).
+    pub fn recv_timeout(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is a valid pollfd array of length 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        // SAFETY: buf is a valid writable slice for the duration of the call.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(n.unsigned_abs()))
+    }
+}
+
+impl AsRawFd for PacketSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Allocates `len` bytes of `file` on disk (thick provisioning).
+pub fn fallocate(file: &File, len: u64) -> io::Result<()> {
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: plain fallocate(2) on a descriptor we own.
+    cvt(unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) }).map(|_| ())
+}
+
+/// The file offset alignment O_DIRECT needs on `file` (STATX_DIOALIGN), if the kernel and
+/// file system report it; `Some(0)` means O_DIRECT is not supported there.
+pub fn direct_io_alignment(file: &File) -> Option<u32> {
+    // SAFETY: statx is a plain C struct for which all-zero bytes are valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    // SAFETY: empty is a valid C string, stx a valid statx buffer; AT_EMPTY_PATH with a
+    // valid descriptor queries that file.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    Some(stx.stx_dio_offset_align)
+}
+
+static TERMINATE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATE.store(true, Ordering::SeqCst);
+}
+
+/// Installs SIGTERM and SIGINT handlers that set a flag (see [`terminate_requested`]).
+pub fn install_terminate_handler() -> io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: sigaction is a plain C struct for which all-zero bytes are valid.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_terminate as *const () as libc::sighandler_t;
+        // SAFETY: sa is a valid sigaction whose handler only stores to an atomic, which is
+        // async-signal-safe.
+        cvt(unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) })?;
+    }
+    Ok(())
+}
+
+/// True once SIGTERM or SIGINT arrived.
+pub fn terminate_requested() -> bool {
+    TERMINATE.load(Ordering::SeqCst)
+}
+
+/// Runs `f` with the calling thread inside the network namespace `/run/netns/<name>` (as made
+/// by `ip netns add`), then moves the thread back. Sockets opened in `f` stay in that
+/// namespace.
+pub fn with_netns<T>(name: &str, f: impl FnOnce() -> T) -> io::Result<T> {
+    let target = File::open(Path::new("/run/netns").join(name))?;
+    let home = File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: setns on descriptors we own; CLONE_NEWNET only affects this thread.
+    cvt(unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    let out = f();
+    // SAFETY: as above, returning the thread to the namespace it started in.
+    cvt(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) })?;
+    Ok(out)
+}

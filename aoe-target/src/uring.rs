@@ -1,0 +1,260 @@
+//! A safe front to io_uring for the target: every submitted operation owns its buffer in a slot
+//! of this struct until its completion is reaped, which is the buffer-lifetime contract of
+//! `io_uring::SubmissionQueue::push` (aoe-anchors style §3.7).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::buf::FrameBuf;
+
+/// user_data of cancel requests (their completions are swallowed).
+const CANCEL: u64 = u64::MAX;
+
+/// One operation.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// Receive a frame into the whole buffer.
+    Recv(RawFd),
+    /// Send the buffer's bytes.
+    Send(RawFd),
+    /// Read `len` bytes at `offset` into the buffer's data area.
+    Read {
+        /// File.
+        fd: RawFd,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+    },
+    /// Write `len` bytes of the data area at `offset`, with RWF_DSYNC if `dsync`.
+    Write {
+        /// File.
+        fd: RawFd,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes.
+        len: usize,
+        /// Durable on completion.
+        dsync: bool,
+    },
+    /// fdatasync.
+    Sync(RawFd),
+}
+
+/// A finished operation.
+#[derive(Debug)]
+pub struct Completion {
+    /// The token given at submission.
+    pub token: u64,
+    /// Bytes transferred, or the error.
+    pub result: io::Result<usize>,
+    /// The buffer, handed back.
+    pub buf: FrameBuf,
+}
+
+/// An io_uring plus the buffers of the operations in flight.
+pub struct Uring {
+    // Declared first so it is dropped (and the kernel's use of buffers ended) before `slots`.
+    ring: IoUring,
+    slots: Vec<Option<(u64, bool, FrameBuf)>>,
+    free: Vec<usize>,
+    in_flight: usize,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl Uring {
+    /// A ring with `entries` submission entries (a power of two).
+    pub fn new(entries: u32) -> io::Result<Uring> {
+        Ok(Uring {
+            ring: IoUring::new(entries)?,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+        })
+    }
+
+    /// Operations submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues `op` on `buf`; `token` comes back in its [`Completion`].
+    pub fn push(&mut self, op: Op, token: u64, mut buf: FrameBuf) -> io::Result<()> {
+        let is_recv = matches!(op, Op::Recv(_));
+        let sqe = match op {
+            Op::Recv(fd) => {
+                let b = buf.full_mut();
+                opcode::Recv::new(types::Fd(fd), b.as_mut_ptr(), len32(b.len())).build()
+            }
+            Op::Send(fd) => {
+                let b = buf.as_slice();
+                opcode::Send::new(types::Fd(fd), b.as_ptr(), len32(b.len())).build()
+            }
+            Op::Read { fd, offset, len } => {
+                let b = buf.data_mut(len);
+                opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), len32(b.len()))
+                    .offset(offset)
+                    .build()
+            }
+            Op::Write {
+                fd,
+                offset,
+                len,
+                dsync,
+            } => {
+                let b = buf.data(len);
+                opcode::Write::new(types::Fd(fd), b.as_ptr(), len32(b.len()))
+                    .offset(offset)
+                    .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+            Op::Sync(fd) => opcode::Fsync::new(types::Fd(fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let sqe = sqe.user_data(slot as u64);
+        // The buffer moves into its slot; its heap memory (a Vec that is never resized) stays
+        // where the pointers above point.
+        self.slots[slot] = Some((token, is_recv, buf));
+        self.push_sqe(&sqe)?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn push_sqe(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every pointer in the entry points into a buffer owned by `self.slots`
+            // until the completion for this user_data is reaped in `wait`, and the ring is
+            // dropped before the slots; cancel entries carry no pointers.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    /// Asks the kernel to cancel every receive in flight (their completions come back with
+    /// ECANCELED).
+    pub fn cancel_receives(&mut self) -> io::Result<()> {
+        let recvs: Vec<u64> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Some((_, true, _))))
+            .map(|(i, _)| i as u64)
+            .collect();
+        for ud in recvs {
+            let sqe = opcode::AsyncCancel::new(ud).build().user_data(CANCEL);
+            self.push_sqe(&sqe)?;
+        }
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    /// Submits what is queued, waits up to `timeout` for at least one completion, and returns
+    /// all completions available.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<Vec<Completion>> {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETIME)
+                    || e.kind() == io::ErrorKind::Interrupted
+                    || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        let mut out = Vec::new();
+        for cqe in self.ring.completion() {
+            let ud = cqe.user_data();
+            if ud == CANCEL {
+                continue;
+            }
+            let Ok(slot) = usize::try_from(ud) else {
+                continue;
+            };
+            let Some((token, _, buf)) = self.slots.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(slot);
+            self.in_flight -= 1;
+            let r = cqe.result();
+            let result = if r < 0 {
+                Err(io::Error::from_raw_os_error(-r))
+            } else {
+                Ok(r.unsigned_abs() as usize)
+            };
+            out.push(Completion { token, result, buf });
+        }
+        Ok(out)
+    }
+}
+
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn write_read_sync_round_trip() {
+        let f = tempfile::tempfile().unwrap();
+        let fd = f.as_raw_fd();
+        let mut u = Uring::new(8).unwrap();
+        let mut b = FrameBuf::page(8192);
+        b.data_mut(8192).fill(0x5a);
+        u.push(
+            Op::Write {
+                fd,
+                offset: 4096,
+                len: 8192,
+                dsync: true,
+            },
+            7,
+            b,
+        )
+        .unwrap();
+        let c = u.wait(Duration::from_secs(5)).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].token, c[0].result.as_ref().unwrap()), (7, &8192));
+        u.push(Op::Sync(fd), 8, FrameBuf::page(0)).unwrap();
+        u.push(
+            Op::Read {
+                fd,
+                offset: 4096,
+                len: 4096,
+            },
+            9,
+            FrameBuf::page(4096),
+        )
+        .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            got.extend(u.wait(Duration::from_secs(5)).unwrap());
+        }
+        let read = got.iter().find(|c| c.token == 9).unwrap();
+        assert_eq!(*read.result.as_ref().unwrap(), 4096);
+        assert!(read.buf.data(4096).iter().all(|b| *b == 0x5a));
+        assert_eq!(u.in_flight(), 0);
+    }
+}

@@ -1,0 +1,241 @@
+//! The `aoe-target` binary in a network namespace, driven over a veth pair by our initiator
+//! core: discovery, sizes, read/write at MTU 1500 and 9000, errors, garbage, status, shutdown,
+//! operator errors.
+
+mod common;
+
+use std::time::Duration;
+
+use aoe_target::initiator::InitiatorError;
+use aoe_target::wire::{Command, Header, Mac, MIN_FRAME_LEN};
+use common::{can_run, pattern, run_bounded, target_bin, NetPair, Target};
+
+#[test]
+fn serves_an_initiator_at_mtu_1500() {
+    if !can_run("serves_an_initiator_at_mtu_1500") {
+        return;
+    }
+    let net = NetPair::new(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("thin.img");
+    let t = Target::start(
+        &net.t,
+        dir.path(),
+        &[
+            "--iface",
+            &net.tv,
+            "--shelf",
+            "7",
+            "--slot",
+            "1",
+            "--file",
+            img.to_str().unwrap(),
+            "--thin",
+            "64M",
+            "--bufcnt",
+            "32",
+        ],
+    );
+    let mut s = net.session(7, 1);
+    assert_eq!(s.target().bufcnt, 32);
+    assert_eq!(s.target().max_sectors, 2);
+    assert_eq!(s.sectors(), 64 << 11);
+    // Never-written region of a thin device reads zeros.
+    assert!(s.read(1000, 64).unwrap().iter().all(|b| *b == 0));
+    // Several sizes, odd ones included.
+    for (lba, sectors) in [(0u64, 2u64), (10, 6), (100, 17), (4096, 2048)] {
+        let data = pattern(lba, (sectors * 512) as usize);
+        s.write(lba, &data).unwrap();
+        assert_eq!(s.read(lba, sectors).unwrap(), data, "lba {lba} x{sectors}");
+    }
+    // Last sector, and past the end.
+    let last = s.sectors() - 1;
+    let d = pattern(9, 512);
+    s.write(last, &d).unwrap();
+    assert_eq!(s.read(last, 1).unwrap(), d);
+    match s.read(last, 2) {
+        Err(InitiatorError::Ata { status, error }) => assert_eq!((status, error), (0x41, 0x10)),
+        other => panic!("read past the end: {other:?}"),
+    }
+    s.flush().unwrap();
+    // Garbage frames do not stop the target.
+    let me = s.mac();
+    for len in [14usize, 23, 24, 30, 36, 60, 1000] {
+        let mut f = pattern(len as u64, len.max(MIN_FRAME_LEN));
+        if len >= 24 {
+            Header::request(Mac::BROADCAST, me, 7, 1, Command::from(f[19] % 4), 1)
+                .write(&mut f)
+                .unwrap();
+        }
+        s.send_raw(&f).unwrap();
+    }
+    assert_eq!(s.read(0, 2).unwrap(), pattern(0, 1024));
+    let st = t.fresh_status();
+    let e = &st["exports"][0];
+    assert_eq!(e["name"], "e7.1");
+    assert_eq!(e["advertised_bytes"], 64u64 << 20);
+    // 64 KiB map blocks: block 0 (LBAs 0-117), 16 blocks for the 1 MiB at 2 MiB, the last.
+    assert_eq!(e["used_bytes"], 18 * 65536);
+    assert!(e["writes"].as_u64().unwrap() >= 1030);
+    assert!(e["ata_errors"].as_u64().unwrap() >= 1);
+    assert_eq!(e["outstanding"], 0);
+    assert!(e["thin_map"].as_bool().unwrap());
+}
+
+#[test]
+fn jumbo_frames_carry_17_sectors() {
+    if !can_run("jumbo_frames_carry_17_sectors") {
+        return;
+    }
+    let net = NetPair::new(9000);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let _t = Target::start(
+        &net.t,
+        dir.path(),
+        &[
+            "--iface",
+            &net.tv,
+            "--shelf",
+            "3",
+            "--slot",
+            "0",
+            "--file",
+            img.to_str().unwrap(),
+        ],
+    );
+    let mut s = net.session(3, 0);
+    assert_eq!(s.target().max_sectors, 17);
+    let data = pattern(17, 17 * 512 * 20);
+    s.write(77, &data).unwrap();
+    assert_eq!(s.read(77, 17 * 20).unwrap(), data);
+    // The data is in the backing file at the same offset (direct mapping).
+    let file = std::fs::read(&img).unwrap();
+    assert_eq!(&file[77 * 512..77 * 512 + data.len()], &data[..]);
+}
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    if !can_run("sigterm_drains_and_exits_cleanly") {
+        return;
+    }
+    let net = NetPair::new(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let mut t = Target::start(
+        &net.t,
+        dir.path(),
+        &[
+            "--iface",
+            &net.tv,
+            "--shelf",
+            "1",
+            "--slot",
+            "1",
+            "--file",
+            img.to_str().unwrap(),
+        ],
+    );
+    let mut s = net.session(1, 1);
+    let data = pattern(5, 256 * 1024);
+    s.write(0, &data).unwrap();
+    t.signal("TERM");
+    assert_eq!(t.wait(Duration::from_secs(10)), Some(0), "{}", t.stderr());
+    let file = std::fs::read(&img).unwrap();
+    assert_eq!(&file[..data.len()], &data[..]);
+    assert_eq!(t.status_json()["outstanding"], 0);
+}
+
+#[test]
+fn operator_errors_are_clear() {
+    if !can_run("operator_errors_are_clear") {
+        return;
+    }
+    let net = NetPair::new(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let img = img.to_str().unwrap();
+    let bin = target_bin();
+    let (rc, out) = run_bounded(
+        20,
+        &net.t,
+        &[
+            bin, "--iface", "nosuch0", "--shelf", "1", "--slot", "1", "--file", img,
+        ],
+    );
+    assert_eq!(rc, 1);
+    assert!(
+        out.contains("network interface \"nosuch0\" does not exist"),
+        "{out}"
+    );
+    let (rc, out) = run_bounded(
+        20,
+        &net.t,
+        &[
+            bin,
+            "--iface",
+            &net.tv,
+            "--shelf",
+            "1",
+            "--slot",
+            "1",
+            "--file",
+            "/nonexistent/disk.img",
+        ],
+    );
+    assert_eq!(rc, 1);
+    assert!(
+        out.contains("backing file /nonexistent/disk.img") && out.contains("No such file"),
+        "{out}"
+    );
+    let (rc, out) = run_bounded(
+        20,
+        &net.t,
+        &[
+            bin, "--iface", &net.tv, "--shelf", "65535", "--slot", "1", "--file", img,
+        ],
+    );
+    assert_eq!(rc, 2, "{out}");
+    let (rc, _) = run_bounded(20, &net.t, &[bin, "--shelf", "1"]);
+    assert_eq!(rc, 2);
+    // shelf.slot already served on the segment: a second target on the peer side sees the
+    // first one answer its Query Config.
+    let _first = Target::start(
+        &net.t,
+        dir.path(),
+        &[
+            "--iface", &net.tv, "--shelf", "4", "--slot", "2", "--file", img,
+        ],
+    );
+    let (rc, out) = run_bounded(
+        20,
+        &net.i,
+        &[
+            bin,
+            "--iface",
+            &net.iv,
+            "--shelf",
+            "4",
+            "--slot",
+            "2",
+            "--file",
+            img,
+            "--probe-ms",
+            "1000",
+        ],
+    );
+    assert_eq!(rc, 1);
+    assert!(out.contains("e4.2 is already served on"), "{out}");
+}
