@@ -140,6 +140,11 @@ impl KeyFile {
         Ok(epoch)
     }
 
+    /// Removes an epoch's key once every sender has moved on; the last key stays.
+    pub fn retire(&mut self, epoch: u16) -> bool {
+        self.keys.len() > 1 && self.keys.remove(&epoch).is_some()
+    }
+
     /// Parses the text form: `#` comments and lines `epoch N HEX64`.
     pub fn parse(text: &str) -> Result<KeyFile, AuthError> {
         let mut keys = BTreeMap::new();

@@ -9,4 +9,13 @@
 //! - [`auth`]: AEAD sealing, key files with epochs, replay windows;
 
 pub mod auth;
+pub mod channel;
+pub mod control;
+pub mod endpoint;
 pub mod frame;
+pub mod hostinfo;
+pub mod payload;
+pub mod vm;
+
+#[cfg(test)]
+mod sim;
