@@ -48,6 +48,21 @@ pub enum Verb {
         /// VM name.
         name: String,
     },
+    /// Monitoring series an aggregator holds.
+    MetricList,
+    /// One monitoring series between two times (an aggregator answers).
+    MetricQuery {
+        /// Reporting host.
+        host: String,
+        /// Object, e.g. `host`, `pcpu-0`, `vbd-vm1-0`.
+        object: String,
+        /// Consolidation function: AVERAGE, LAST, MAX.
+        cf: String,
+        /// Start, seconds since the epoch.
+        start: u64,
+        /// End, seconds since the epoch.
+        end: u64,
+    },
 }
 
 /// A request.

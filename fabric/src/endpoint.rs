@@ -144,6 +144,8 @@ struct Peer {
     last_probe: u64,
     tx: Tx,
     rx: Rx,
+    /// Fragments of a message being reassembled.
+    partial: Vec<u8>,
 }
 
 /// One node: its peers, channels and keys.
@@ -163,6 +165,9 @@ pub struct Endpoint {
     last_unsolicited_hello: Option<u64>,
     reject_logs: u64,
 }
+
+/// Largest message [`Endpoint::send`] takes (sent in fragments of one frame each).
+pub const MAX_MESSAGE: usize = 1 << 20;
 
 /// Least time between HELLOs sent to unknown senders of DATA/ACK/PROBE frames.
 const UNSOLICITED_HELLO_GAP_US: u64 = 10_000;
@@ -236,9 +241,11 @@ impl Endpoint {
         self.hello_next = now;
     }
 
-    /// Queues `payload` for reliable, in-order, exactly-once delivery to `peer`.
+    /// Queues `payload` for reliable, in-order, exactly-once delivery to `peer`. Messages larger
+    /// than a frame are sent as fragments: each channel message starts with one byte, 1 if more
+    /// fragments follow, 0 on the last one.
     pub fn send(&mut self, peer: u32, payload: Vec<u8>) -> Result<(), SendError> {
-        if payload.len() > frame::MAX_PAYLOAD {
+        if payload.len() > MAX_MESSAGE {
             return Err(SendError::TooLarge(payload.len()));
         }
         let p = self
@@ -248,7 +255,16 @@ impl Endpoint {
         if !p.up {
             return Err(SendError::LinkDown(p.info.name.clone()));
         }
-        p.tx.push(payload)?;
+        let chunk = frame::MAX_PAYLOAD - 1;
+        let n = payload.len().div_ceil(chunk).max(1);
+        for i in 0..n {
+            let part =
+                &payload[(i * chunk).min(payload.len())..((i + 1) * chunk).min(payload.len())];
+            let mut m = Vec::with_capacity(part.len() + 1);
+            m.push(u8::from(i + 1 < n));
+            m.extend_from_slice(part);
+            p.tx.push(m)?;
+        }
         Ok(())
     }
 
@@ -413,6 +429,7 @@ impl Endpoint {
                         last_probe: now,
                         tx: Tx::new(cfg),
                         rx: Rx::new(cfg),
+                        partial: Vec::new(),
                     },
                 );
                 self.events.push_back(Event::PeerUp(info));
@@ -472,8 +489,23 @@ impl Endpoint {
             _ => {}
         }
         let from = h.sender;
+        let mut complete = Vec::new();
+        for frag in delivered {
+            match frag.split_first() {
+                Some((&more, body)) if more <= 1 && p.partial.len() + body.len() <= MAX_MESSAGE => {
+                    p.partial.extend_from_slice(body);
+                    if more == 0 {
+                        complete.push(std::mem::take(&mut p.partial));
+                    }
+                }
+                _ => {
+                    self.stats.dropped.malformed += 1;
+                    p.partial.clear();
+                }
+            }
+        }
         self.transmit_data(from, resend);
-        for payload in delivered {
+        for payload in complete {
             self.events.push_back(Event::Message { from, payload });
         }
     }

@@ -432,3 +432,32 @@ fn attacks_are_dropped_and_counted() {
     net.run(net.now + 60_000_000, &mut |n, i, e| w.on_event(n, i, e));
     check_exactly_once("after attacks", &net, &w);
 }
+
+#[test]
+fn large_messages_are_fragmented_and_reassembled() {
+    let mut net = Net::new(
+        Impair {
+            loss_pct: 5.0,
+            jitter_us: 500,
+            ..Impair::default()
+        },
+        1_000_000,
+        7,
+    );
+    let mut got = Vec::new();
+    net.run(T_START + 10_000, &mut |_, _, _| {});
+    let host = net.nodes[0].peers()[0].0.id;
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    net.nodes[0].send(host, big.clone()).unwrap();
+    net.nodes[0].send(host, b"small".to_vec()).unwrap();
+    net.nodes[0].send(host, Vec::new()).unwrap();
+    net.run(net.now + 10_000_000, &mut |_, i, e| {
+        if let (1, Event::Message { payload, .. }) = (i, e) {
+            got.push(payload);
+        }
+    });
+    assert_eq!(got, vec![big, b"small".to_vec(), Vec::new()]);
+    assert!(net.nodes[0]
+        .send(host, vec![0; crate::endpoint::MAX_MESSAGE + 1])
+        .is_err());
+}

@@ -66,6 +66,9 @@ pub struct VmSpec {
     /// Disks.
     #[serde(default)]
     pub disks: Vec<String>,
+    /// Host-side network devices of the guest's interfaces (monitored as VIFs, §2.6.1 item 8).
+    #[serde(default)]
+    pub vifs: Vec<String>,
 }
 
 fn one() -> u32 {
@@ -133,11 +136,32 @@ impl VmSpec {
     }
 }
 
+/// A random (version 4) UUID.
+fn new_uuid() -> String {
+    let mut b = [0u8; 16];
+    for chunk in b.chunks_mut(4) {
+        chunk.copy_from_slice(&crate::auth::random_id().unwrap_or(0).to_be_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
 /// A VM's state as reported by `vm list`/`vm status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmStatus {
     /// Name.
     pub name: String,
+    /// UUID given at creation.
+    pub uuid: String,
     /// Process id of its vmm.
     pub pid: u32,
     /// `running` or `exited`.
@@ -155,6 +179,7 @@ pub struct VmStatus {
 #[derive(Debug)]
 struct Vm {
     spec: VmSpec,
+    uuid: String,
     child: Child,
     started: Instant,
     exit: Option<std::process::ExitStatus>,
@@ -214,6 +239,7 @@ impl VmManager {
             name.clone(),
             Vm {
                 spec,
+                uuid: new_uuid(),
                 child,
                 started: Instant::now(),
                 exit: None,
@@ -242,6 +268,7 @@ impl VmManager {
     fn to_status(vm: &Vm) -> VmStatus {
         VmStatus {
             name: vm.spec.name.clone(),
+            uuid: vm.uuid.clone(),
             pid: vm.child.id(),
             state: if vm.exit.is_some() {
                 "exited"
@@ -311,6 +338,7 @@ mod tests {
             initrd: None,
             cmdline: None,
             disks: vec![],
+            vifs: vec![],
         }
     }
 
@@ -371,6 +399,7 @@ mod tests {
         let mut m = VmManager::new(&script, dir.path());
         let st = m.create(spec("a")).unwrap();
         assert_eq!(st.state, "running");
+        assert_eq!(st.uuid.len(), 36);
         assert!(matches!(m.create(spec("a")), Err(VmError::Exists(_))));
         assert_eq!(m.list().len(), 1);
         std::thread::sleep(std::time::Duration::from_millis(200));

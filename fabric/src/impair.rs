@@ -1,0 +1,145 @@
+//! A link impairment forwarder: reads every frame arriving on one interface and writes it to
+//! the other, with random loss, duplication, delay and jitter (which reorders). Our kernel has
+//! no `netem` (network-tests.md), so the tests put this in a middle namespace between two veth
+//! pairs; where netem exists it can be used instead.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::frame::MAX_FRAME_LEN;
+use crate::packet::{self, PacketError, PacketSocket, ETH_P_ALL};
+
+/// What to do to frames.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ImpairConfig {
+    /// Percent of frames dropped.
+    pub loss_pct: f64,
+    /// Percent of frames sent twice.
+    pub dup_pct: f64,
+    /// Fixed one-way delay, µs.
+    pub delay_us: u64,
+    /// Extra random delay in `[0, jitter)`, µs (reorders frames).
+    pub jitter_us: u64,
+    /// Seed of the random generator.
+    pub seed: u64,
+}
+
+/// What the forwarder did.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ImpairStats {
+    /// Frames read.
+    pub received: u64,
+    /// Frames written (duplicates included).
+    pub forwarded: u64,
+    /// Frames dropped.
+    pub dropped: u64,
+    /// Extra copies sent.
+    pub duplicated: u64,
+}
+
+/// splitmix64: a few lines of deterministic randomness for a test tool (no need for `rand`).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn chance(&mut self, pct: f64) -> bool {
+        pct > 0.0 && (self.next() % 1_000_000) as f64 / 10_000.0 < pct
+    }
+}
+
+/// A frame held back: due time, arrival order, output socket, bytes.
+type Held = (u64, u64, usize, Vec<u8>);
+
+/// Forwards between interfaces `a` and `b` until `stop` is set.
+pub fn run(
+    a: &str,
+    b: &str,
+    cfg: ImpairConfig,
+    stop: &AtomicBool,
+) -> Result<ImpairStats, PacketError> {
+    let socks = [
+        PacketSocket::open(a, ETH_P_ALL)?,
+        PacketSocket::open(b, ETH_P_ALL)?,
+    ];
+    let mut rng = SplitMix(cfg.seed);
+    let mut stats = ImpairStats::default();
+    let start = Instant::now();
+    let now = || start.elapsed().as_micros() as u64;
+    let mut queue: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
+    let mut order = 0u64;
+    let mut buf = vec![0u8; MAX_FRAME_LEN + 64];
+    let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
+    while !stop.load(Ordering::Relaxed) {
+        let t = now();
+        let wait = queue
+            .peek()
+            .map_or(100_000, |Reverse((due, ..))| due.saturating_sub(t))
+            .min(100_000);
+        let ready = packet::wait_readable(&fds, libc::POLLIN, Some(Duration::from_micros(wait)))
+            .unwrap_or_default();
+        for (i, r) in ready.into_iter().enumerate() {
+            if !r {
+                continue;
+            }
+            while let Ok(Some(n)) = socks[i].recv(&mut buf) {
+                stats.received += 1;
+                if rng.chance(cfg.loss_pct) {
+                    stats.dropped += 1;
+                    continue;
+                }
+                let copies = if rng.chance(cfg.dup_pct) { 2 } else { 1 };
+                stats.duplicated += copies - 1;
+                for _ in 0..copies {
+                    let jitter = if cfg.jitter_us > 0 {
+                        rng.next() % cfg.jitter_us
+                    } else {
+                        0
+                    };
+                    order += 1;
+                    queue.push(Reverse((
+                        now() + cfg.delay_us + jitter,
+                        order,
+                        1 - i,
+                        buf[..n].to_vec(),
+                    )));
+                }
+            }
+        }
+        let t = now();
+        while queue.peek().is_some_and(|Reverse((due, ..))| *due <= t) {
+            let Some(Reverse((_, _, out, f))) = queue.pop() else {
+                break;
+            };
+            // A failed send (interface down) is a lost frame, like on a real link.
+            if socks[out].send(&f).is_ok() {
+                stats.forwarded += 1;
+            }
+        }
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chance_is_roughly_right() {
+        let mut r = SplitMix(42);
+        let hits = (0..100_000).filter(|_| r.chance(10.0)).count();
+        assert!((9_000..11_000).contains(&hits), "{hits}");
+        assert!(!(0..1000).any(|_| r.chance(0.0)));
+    }
+}
