@@ -181,8 +181,11 @@ impl Client {
         peer: &PeerInfo,
         count: u64,
         window: u64,
+        interval: Duration,
         timeout: Duration,
     ) -> Result<PingReport, ClientError> {
+        let interval = interval.as_micros() as u64;
+        let mut next_issue = 0u64;
         let t0 = std::time::Instant::now();
         let mut issued: HashMap<u64, u64> = HashMap::new();
         let mut lat = Vec::with_capacity(count as usize);
@@ -191,11 +194,22 @@ impl Client {
         while (lat.len() as u64) + failed < count {
             while sent < count && (issued.len() as u64) < window {
                 let now = self.node.now();
+                if now < next_issue {
+                    break;
+                }
+                next_issue = now + interval;
                 match self.submit(peer.id, Verb::Echo { n: sent + 1 }) {
                     Ok(id) => {
                         issued.insert(id, now);
                     }
-                    Err(ClientError::Send(SendError::LinkDown(_))) => failed += 1,
+                    Err(ClientError::Send(SendError::LinkDown(_))) => {
+                        // Fails at once with a clear error, never sent; wait a little before
+                        // the next one so an outage does not fail the whole run in a burst.
+                        failed += 1;
+                        sent += 1;
+                        self.pump(now + 10_000)?;
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
                 sent += 1;
@@ -210,7 +224,12 @@ impl Client {
                 issued.remove(&id);
                 failed += 1;
             }
-            self.pump(now + 10_000)?;
+            let wake = if interval > 0 && sent < count {
+                next_issue.max(now + 1)
+            } else {
+                now + 10_000
+            };
+            self.pump(wake.min(now + 10_000))?;
             let now = self.node.now();
             let done: Vec<u64> = self
                 .responses

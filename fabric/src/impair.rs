@@ -4,14 +4,14 @@
 //! pairs; where netem exists it can be used instead.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::frame::MAX_FRAME_LEN;
+use crate::frame::{self, MAX_FRAME_LEN};
 use crate::packet::{self, PacketError, PacketSocket, ETH_P_ALL};
 
 /// What to do to frames.
@@ -27,6 +27,23 @@ pub struct ImpairConfig {
     pub jitter_us: u64,
     /// Seed of the random generator.
     pub seed: u64,
+    /// Attacks mixed into the traffic (tests of the authentication).
+    pub attack: AttackConfig,
+}
+
+/// Hostile frames the forwarder can inject, each a percentage of forwarded frames.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttackConfig {
+    /// Send a copy with one bit flipped after the Ethernet header (forged).
+    pub corrupt_pct: f64,
+    /// Send a copy cut short (truncated).
+    pub truncate_pct: f64,
+    /// Send a frame of random bytes with the fabric EtherType (garbage).
+    pub garbage_pct: f64,
+    /// Send again a frame forwarded 64 frames earlier (replayed).
+    pub replay_pct: f64,
+    /// Send a copy claiming protocol version 2.
+    pub version_pct: f64,
 }
 
 /// What the forwarder did.
@@ -40,6 +57,8 @@ pub struct ImpairStats {
     pub dropped: u64,
     /// Extra copies sent.
     pub duplicated: u64,
+    /// Hostile frames injected.
+    pub injected: u64,
 }
 
 /// splitmix64: a few lines of deterministic randomness for a test tool (no need for `rand`).
@@ -57,6 +76,46 @@ impl SplitMix {
     fn chance(&mut self, pct: f64) -> bool {
         pct > 0.0 && (self.next() % 1_000_000) as f64 / 10_000.0 < pct
     }
+}
+
+/// Hostile frames derived from `frame` (only fabric frames are attacked).
+fn attacks(
+    a: &AttackConfig,
+    rng: &mut SplitMix,
+    frame: &[u8],
+    history: &mut VecDeque<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let ours = frame.len() > frame::OVERHEAD
+        && (frame[12..14] == frame::ETHERTYPE_CONTROL.to_be_bytes()
+            || frame[12..14] == frame::ETHERTYPE_MONITOR.to_be_bytes());
+    if !ours {
+        return out;
+    }
+    let body = frame.len() - frame::ETH_HEADER_LEN;
+    if rng.chance(a.corrupt_pct) {
+        let mut f = frame.to_vec();
+        let at = frame::ETH_HEADER_LEN + (rng.next() as usize % body);
+        f[at] ^= 1 << (rng.next() % 8);
+        out.push(f);
+    }
+    if rng.chance(a.truncate_pct) {
+        out.push(frame[..frame::ETH_HEADER_LEN + (rng.next() as usize % body)].to_vec());
+    }
+    if rng.chance(a.garbage_pct) {
+        let mut f = frame[..frame::ETH_HEADER_LEN].to_vec();
+        f.extend((0..60 + rng.next() % 200).map(|_| rng.next() as u8));
+        out.push(f);
+    }
+    if rng.chance(a.replay_pct) && history.len() >= 64 {
+        out.extend(history.front().cloned());
+    }
+    if rng.chance(a.version_pct) {
+        let mut f = frame.to_vec();
+        f[frame::ETH_HEADER_LEN + 4] = 2;
+        out.push(f);
+    }
+    out
 }
 
 /// A frame held back: due time, arrival order, output socket, bytes.
@@ -80,6 +139,7 @@ pub fn run(
     let mut queue: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
     let mut order = 0u64;
     let mut buf = vec![0u8; MAX_FRAME_LEN + 64];
+    let mut history: VecDeque<Vec<u8>> = VecDeque::new();
     let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
     while !stop.load(Ordering::Relaxed) {
         let t = now();
@@ -101,6 +161,16 @@ pub fn run(
                 }
                 let copies = if rng.chance(cfg.dup_pct) { 2 } else { 1 };
                 stats.duplicated += copies - 1;
+                let frame = &buf[..n];
+                for f in attacks(&cfg.attack, &mut rng, frame, &mut history) {
+                    stats.injected += 1;
+                    order += 1;
+                    queue.push(Reverse((now(), order, 1 - i, f)));
+                }
+                history.push_back(frame.to_vec());
+                if history.len() > 64 {
+                    history.pop_front();
+                }
                 for _ in 0..copies {
                     let jitter = if cfg.jitter_us > 0 {
                         rng.next() % cfg.jitter_us
@@ -134,6 +204,29 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attacks_only_fabric_frames() {
+        let a = AttackConfig {
+            corrupt_pct: 100.0,
+            truncate_pct: 100.0,
+            garbage_pct: 100.0,
+            replay_pct: 100.0,
+            version_pct: 100.0,
+        };
+        let mut rng = SplitMix(1);
+        let mut hist: VecDeque<Vec<u8>> = (0..64).map(|i| vec![i as u8; 80]).collect();
+        let mut f = vec![0u8; 100];
+        f[12..14].copy_from_slice(&[0x88, 0xB5]);
+        let out = attacks(&a, &mut rng, &f, &mut hist);
+        assert_eq!(out.len(), 5);
+        assert_ne!(out[0], f);
+        assert!(out[1].len() < f.len());
+        assert_eq!(out[3], vec![0u8; 80]);
+        assert_eq!(out[4][18], 2);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        assert!(attacks(&a, &mut rng, &f, &mut hist).is_empty());
+    }
 
     #[test]
     fn chance_is_roughly_right() {

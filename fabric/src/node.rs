@@ -162,6 +162,12 @@ impl Node {
                         self.ep.handle_frame(now, &mut self.buf[..n]);
                     }
                     Ok(None) => break,
+                    // The interface went down (ENETDOWN is reported once per socket): the
+                    // link supervision notices the silence; keep running.
+                    Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                        log::warn!("{} is down", sock.iface());
+                        break;
+                    }
                     Err(e) => return Err(NodeError::Io(sock.iface().into(), e)),
                 }
             }

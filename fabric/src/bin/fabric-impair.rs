@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Parser;
 
-use fabric::impair::{self, ImpairConfig};
+use fabric::impair::{self, AttackConfig, ImpairConfig};
 
 /// Forwards every frame arriving on --a to --b and back, impaired. Put it in a namespace
 /// between two veth pairs. Runs until SIGTERM/SIGINT, then prints what it did as JSON.
@@ -32,6 +32,21 @@ struct Args {
     /// Random extra delay in [0, jitter), ms; reorders frames.
     #[arg(long, default_value_t = 0.0)]
     jitter_ms: f64,
+    /// Percent of fabric frames also sent with one bit flipped (forged).
+    #[arg(long, default_value_t = 0.0)]
+    corrupt: f64,
+    /// Percent of fabric frames also sent truncated.
+    #[arg(long, default_value_t = 0.0)]
+    truncate: f64,
+    /// Percent of fabric frames followed by a frame of random bytes.
+    #[arg(long, default_value_t = 0.0)]
+    garbage: f64,
+    /// Percent of fabric frames followed by a replay of an older frame.
+    #[arg(long, default_value_t = 0.0)]
+    replay: f64,
+    /// Percent of fabric frames also sent with protocol version 2.
+    #[arg(long, default_value_t = 0.0)]
+    bad_version: f64,
     /// Random seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -55,6 +70,13 @@ fn run(a: Args) -> Result<()> {
         delay_us: (a.delay_ms * 1000.0) as u64,
         jitter_us: (a.jitter_ms * 1000.0) as u64,
         seed: a.seed,
+        attack: AttackConfig {
+            corrupt_pct: a.corrupt,
+            truncate_pct: a.truncate,
+            garbage_pct: a.garbage,
+            replay_pct: a.replay,
+            version_pct: a.bad_version,
+        },
     };
     let st = impair::run(&a.a, &a.b, cfg, &stop)?;
     println!("{}", serde_json::to_string(&st)?);

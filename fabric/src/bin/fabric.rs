@@ -75,6 +75,9 @@ enum Cmd {
         /// Requests in flight at once.
         #[arg(long, default_value_t = 1)]
         window: u64,
+        /// Least time between two requests, ms (0: as fast as the window allows).
+        #[arg(long, default_value_t = 0.0)]
+        interval_ms: f64,
     },
     /// VM verbs.
     #[command(subcommand)]
@@ -299,9 +302,11 @@ fn run(a: Args) -> Result<()> {
             host,
             count,
             window,
+            interval_ms,
         } => {
             let p = c.resolve(&host, wait.max(timeout))?;
-            let r = c.ping(&p, count, window, timeout)?;
+            let interval = Duration::from_secs_f64(interval_ms.max(0.0) / 1000.0);
+            let r = c.ping(&p, count, window, interval, timeout)?;
             let v = serde_json::to_value(&r)?;
             print(json, &v, |_| {
                 format!(

@@ -69,7 +69,9 @@ struct Args {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
     if let Err(e) = run(Args::parse()) {
         eprintln!("fabricd: {e:#}");
         std::process::exit(1);
