@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `rrdtool fetch` output: data-source names and rows of values (None for nan).
-fn rrd_fetch(file: &Path, sock: &Path, cf: &str) -> (Vec<String>, Vec<(u64, Vec<Option<f64>>)>) {
+/// Rows of `rrdtool fetch`: timestamp and values (None for nan).
+type Rows = Vec<(u64, Vec<Option<f64>>)>;
+
+/// `rrdtool fetch` output: data-source names and rows.
+fn rrd_fetch(file: &Path, sock: &Path, cf: &str) -> (Vec<String>, Rows) {
     let out = sh(&[
         "rrdtool",
         "fetch",
