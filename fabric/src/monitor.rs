@@ -359,6 +359,11 @@ pub struct Report {
 }
 
 impl Report {
+    /// Parses one report frame's payload.
+    pub fn parse(b: &[u8]) -> Result<Report, serde_json::Error> {
+        serde_json::from_slice(b)
+    }
+
     /// Splits into reports whose JSON fits in `max` bytes each (one frame).
     pub fn split(&self, max: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -733,7 +738,7 @@ impl Aggregator {
 
     /// Takes one report frame.
     pub fn receive(&mut self, _from: u32, _mac: [u8; 6], payload: &[u8]) {
-        let report: Report = match serde_json::from_slice(payload) {
+        let report = match Report::parse(payload) {
             Ok(r) => r,
             Err(_) => {
                 self.stats.bad += 1;

@@ -249,14 +249,22 @@ fn run(a: Args) -> Result<()> {
                 let (mut n, t0) = (0u64, Instant::now());
                 while t0.elapsed().as_secs_f64() < secs {
                     let mut f = s.seal(&keys, 1, BROADCAST, [2; 6], header(), &[7; PAYLOAD])?;
-                    v.open(&keys, &mut f).map_err(|r| anyhow::anyhow!("{r:?}"))?;
+                    v.open(&keys, &mut f)
+                        .map_err(|r| anyhow::anyhow!("{r:?}"))?;
                     n += 1;
                 }
                 let rate = n as f64 / t0.elapsed().as_secs_f64();
-                println!("{}", json!({"kind": "crypto", "alg": alg, "seal_and_open_per_s": rate.round()}));
+                println!(
+                    "{}",
+                    json!({"kind": "crypto", "alg": alg, "seal_and_open_per_s": rate.round()})
+                );
             }
         }
-        Cmd::Flood { iface, key_file, secs } => {
+        Cmd::Flood {
+            iface,
+            key_file,
+            secs,
+        } => {
             let keys = Keyring::new(&KeyFile::load(&key_file)?);
             let s = PacketSocket::open(&iface, 0x88B5)?;
             let mut sealer = Sealer::new(auth::random_id()?, 1, auth::preferred_alg());
@@ -267,9 +275,16 @@ fn run(a: Args) -> Result<()> {
                 n += 1;
             }
             let rate = n as f64 / t0.elapsed().as_secs_f64();
-            println!("{}", json!({"kind": "flood", "sent": n, "sent_per_s": rate.round()}));
+            println!(
+                "{}",
+                json!({"kind": "flood", "sent": n, "sent_per_s": rate.round()})
+            );
         }
-        Cmd::Sink { iface, key_file, secs } => {
+        Cmd::Sink {
+            iface,
+            key_file,
+            secs,
+        } => {
             let keys = Keyring::new(&KeyFile::load(&key_file)?);
             let s = PacketSocket::open(&iface, 0x88B5)?;
             let mut v = Verifier::default();
@@ -279,7 +294,11 @@ fn run(a: Args) -> Result<()> {
             let mut last = Instant::now();
             let t0 = Instant::now();
             while t0.elapsed().as_secs_f64() < secs {
-                packet::wait_readable(&[s.as_raw_fd()], libc::POLLIN, Some(Duration::from_millis(50)))?;
+                packet::wait_readable(
+                    &[s.as_raw_fd()],
+                    libc::POLLIN,
+                    Some(Duration::from_millis(50)),
+                )?;
                 while let Some(n) = s.recv(&mut buf)? {
                     match v.open(&keys, &mut buf[..n]) {
                         Ok(_) => {
