@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The fabric bench (issue 7 "Performance"): one veth pair between two network namespaces.
+#   - request/response round trip p50/p99, 64-byte payloads, one in flight:
+#     fabric (`fabric ping`, authenticated, reliable, exactly-once) vs raw AF_PACKET vs UDP vs TCP;
+#   - authenticated frames per second: seal+open on one core, and sealed frames sent by one core
+#     and verified by another;
+#   - loss recovery at 1% random drop on each side's ingress (nftables): fabric vs TCP p99.
+# Needs root, iproute2, nftables. Usage: fabric/bench.sh [COUNT]   (default 10000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT=${1:-10000}
+cargo build --release -p fabric --bins >/dev/null 2>&1 || cargo build --release -p fabric --bins
+BIN=$PWD/target/release
+A=fbenchA$$; B=fbenchB$$; VA=fbva$$; VB=fbvb$$
+TMP=$(mktemp -d)
+cleanup() {
+    for ns in $A $B; do
+        for p in $(ip netns pids $ns 2>/dev/null); do kill -9 $p 2>/dev/null || true; done
+        ip netns del $ns 2>/dev/null || true
+    done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+ip netns add $A; ip netns add $B
+ip link add $VA type veth peer name $VB
+ip link set $VA netns $A; ip link set $VB netns $B
+ip -n $A addr add 198.18.0.1/24 dev $VA; ip -n $B addr add 198.18.0.2/24 dev $VB
+for ns in $A $B; do ip -n $ns link set lo up; done
+ip -n $A link set $VA up; ip -n $B link set $VB up
+inA() { ip netns exec $A "$@"; }
+inB() { ip netns exec $B "$@"; }
+$BIN/fabric keygen > $TMP/key
+echo "# fabric bench: $(date -u +%FT%TZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $COUNT round trips per figure"
+
+rtt() { # label, command producing JSON with p50_us/p99_us
+    local label=$1; shift
+    local j; j=$("$@")
+    printf '%-34s p50 %7s µs   p99 %8s µs   max %8s µs\n' "$label" \
+        "$(sed 's/.*"p50_us":\([0-9]*\).*/\1/' <<<"$j")" \
+        "$(sed 's/.*"p99_us":\([0-9]*\).*/\1/' <<<"$j")" \
+        "$(sed 's/.*"max_us":\([0-9]*\).*/\1/' <<<"$j")"
+}
+fabric_ping() { inA $BIN/fabric --iface $VA --key-file $TMP/key --json --timeout-ms 10000 ping hostb --count "$COUNT" --window 1 | tr -d '\n '; }
+start_servers() {
+    inB env RUST_LOG=warn $BIN/fabricd --iface $VB --name hostb --key-file $TMP/key --monitor-interval-secs 0 >$TMP/fabricd.log 2>&1 &
+    inB $BIN/fabric-bench udp-echo --addr 198.18.0.2:7001 & inB $BIN/fabric-bench tcp-echo --addr 198.18.0.2:7002 &
+    sleep 0.5
+}
+start_servers
+loss() { # pct: nftables random drop on both ingress sides (fabric 0x88b5 and IPv4)
+    for ns in $A $B; do
+        local dev=$VA; [ $ns = $B ] && dev=$VB
+        ip netns exec $ns nft delete table netdev benchloss 2>/dev/null || true
+        [ "$1" = 0 ] && continue
+        ip netns exec $ns nft -f - <<NFT
+table netdev benchloss {
+    chain in {
+        type filter hook ingress device "$dev" priority 0;
+        meta protocol { ip, 0x88b5 } numgen random mod 100 < $1 counter drop;
+    }
+}
+NFT
+    done
+}
+echo "## round trip, 64-byte payload, one in flight, no loss"
+rtt "fabric (AEAD, reliable, exactly-once)" fabric_ping
+ip netns exec $B $BIN/fabric-bench raw-echo --iface $VB & RAWECHO=$!
+sleep 0.2
+rtt "raw AF_PACKET ping-pong" inA $BIN/fabric-bench raw-ping --iface $VA --count "$COUNT"
+kill $RAWECHO 2>/dev/null || true
+rtt "UDP" inA $BIN/fabric-bench udp-ping --addr 198.18.0.2:7001 --count "$COUNT"
+rtt "TCP (TCP_NODELAY)" inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+
+echo "## loss recovery: 1% random drop on each side's ingress"
+loss 1
+rtt "fabric, 1% loss" fabric_ping
+rtt "TCP, 1% loss (Linux defaults)" inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+loss 0
+
+echo "## authenticated frames per second"
+$BIN/fabric-bench crypto --secs 2 | sed 's/^/crypto, one core: /'
+ip netns exec $B taskset -c 1 $BIN/fabric-bench sink --iface $VB --key-file $TMP/key --secs 5 > $TMP/sink.json &
+SINK=$!
+sleep 0.3
+inA taskset -c 0 $BIN/fabric-bench flood --iface $VA --key-file $TMP/key --secs 3 | sed 's/^/sender, CPU0: /'
+wait $SINK
+sed 's/^/receiver, CPU1: /' $TMP/sink.json

@@ -1,0 +1,178 @@
+//! An [`Endpoint`] driven by real sockets and a real clock: the event loop shared by `fabricd`,
+//! the CLI and the bench. One thread, `ppoll` with the endpoint's next timeout.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::auth::{self, AuthError, KeyFile, Keyring, Sealer};
+use crate::endpoint::{Config, Endpoint, Event};
+use crate::frame::{ETHERTYPE_CONTROL, ETHERTYPE_MONITOR, MAX_FRAME_LEN};
+use crate::packet::{self, PacketError, PacketSocket};
+
+/// Errors of this module.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// Socket set-up.
+    #[error(transparent)]
+    Packet(#[from] PacketError),
+    /// Keys.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// Socket I/O.
+    #[error("network I/O on {0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+/// How often the key file is checked for changes (rotation).
+const KEY_RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+/// A node on one interface.
+#[derive(Debug)]
+pub struct Node {
+    ep: Endpoint,
+    ctl: PacketSocket,
+    mon: PacketSocket,
+    start: Instant,
+    key_path: PathBuf,
+    key_mtime: Option<SystemTime>,
+    next_key_check: Instant,
+    buf: Vec<u8>,
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl Node {
+    /// Opens both EtherTypes on `iface` with the keys in `key_file`.
+    pub fn open(iface: &str, key_file: &Path, cfg: Config) -> Result<Node, NodeError> {
+        let keys = KeyFile::load(key_file)?;
+        let ctl = PacketSocket::open(iface, ETHERTYPE_CONTROL)?;
+        let mon = PacketSocket::open(iface, ETHERTYPE_MONITOR)?;
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let sealer = Sealer::new(auth::random_id()?, wall, auth::preferred_alg());
+        let start = Instant::now();
+        let ep = Endpoint::new(cfg, ctl.mac(), Keyring::new(&keys), sealer, 0);
+        log::info!(
+            "fabric node on {iface} ({}), sender id {:08x}, {:?}, key epochs up to {}",
+            crate::frame::mac_to_string(&ctl.mac()),
+            ep.id(),
+            auth::preferred_alg(),
+            keys.newest()
+        );
+        Ok(Node {
+            ep,
+            ctl,
+            mon,
+            start,
+            key_path: key_file.to_path_buf(),
+            key_mtime: mtime(key_file),
+            next_key_check: start + KEY_RELOAD_EVERY,
+            buf: vec![0u8; MAX_FRAME_LEN + 64],
+        })
+    }
+
+    /// Microseconds since the node started (the endpoint's clock).
+    pub fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// The endpoint.
+    pub fn endpoint(&mut self) -> &mut Endpoint {
+        &mut self.ep
+    }
+
+    /// The endpoint, read-only.
+    pub fn ep(&self) -> &Endpoint {
+        &self.ep
+    }
+
+    /// Next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.ep.poll_event()
+    }
+
+    /// Sends whatever the endpoint has queued (after `send` calls).
+    pub fn flush(&mut self) -> Result<(), NodeError> {
+        let now = self.now();
+        self.ep.poll(now);
+        while let Some(f) = self.ep.poll_transmit() {
+            let sock = if f.get(12..14) == Some(&ETHERTYPE_MONITOR.to_be_bytes()) {
+                &self.mon
+            } else {
+                &self.ctl
+            };
+            if let Err(e) = sock.send(&f) {
+                // A downed link (ENETDOWN) must not stop the daemon: the channel resends.
+                log::debug!("send on {}: {e}", sock.iface());
+            }
+        }
+        Ok(())
+    }
+
+    fn reload_keys(&mut self) {
+        if Instant::now() < self.next_key_check {
+            return;
+        }
+        self.next_key_check = Instant::now() + KEY_RELOAD_EVERY;
+        let m = mtime(&self.key_path);
+        if m == self.key_mtime {
+            return;
+        }
+        self.key_mtime = m;
+        match KeyFile::load(&self.key_path) {
+            Ok(k) => {
+                log::info!("key file reloaded: epochs up to {}", k.newest());
+                let now = self.now();
+                self.ep.set_keys(Keyring::new(&k), now);
+            }
+            Err(e) => log::error!("key file not reloaded, keeping the old keys: {e}"),
+        }
+    }
+
+    /// Waits for frames or the next timer, at most until `deadline` (µs on [`Node::now`]'s
+    /// clock), handles them, and transmits what is due. Events are left for `poll_event`.
+    pub fn step(&mut self, deadline: u64) -> Result<(), NodeError> {
+        self.flush()?;
+        let now = self.now();
+        let wake = self
+            .ep
+            .next_timeout()
+            .min(deadline)
+            .min(now + KEY_RELOAD_EVERY.as_micros() as u64);
+        let timeout = Duration::from_micros(wake.saturating_sub(now));
+        let fds = [self.ctl.as_raw_fd(), self.mon.as_raw_fd()];
+        let ready = packet::wait_readable(&fds, libc::POLLIN, Some(timeout))
+            .map_err(|e| NodeError::Io(self.ctl.iface().into(), e))?;
+        for (i, r) in ready.into_iter().enumerate() {
+            if !r {
+                continue;
+            }
+            let sock = if i == 0 { &self.ctl } else { &self.mon };
+            // Bounded so one busy socket cannot starve the timers.
+            for _ in 0..256 {
+                match sock.recv(&mut self.buf) {
+                    Ok(Some(n)) => {
+                        let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(0);
+                        self.ep.handle_frame(now, &mut self.buf[..n]);
+                    }
+                    Ok(None) => break,
+                    // The interface went down (ENETDOWN is reported once per socket): the
+                    // link supervision notices the silence; keep running.
+                    Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                        log::warn!("{} is down", sock.iface());
+                        break;
+                    }
+                    Err(e) => return Err(NodeError::Io(sock.iface().into(), e)),
+                }
+            }
+        }
+        self.reload_keys();
+        self.flush()
+    }
+}
