@@ -429,17 +429,12 @@ impl RunReport {
             }
         }
         let m = &self.memory;
-        let _ = writeln!(
-            o,
-            "memory: {:?}{}, prefault {:.0} ms",
-            m.backing,
-            if m.huge_pages {
-                " with 2 MiB pages"
-            } else {
-                " (no huge pages)"
-            },
-            m.prefault_ms
-        );
+        let backing = match (m.backing, m.huge_pages) {
+            (Backing::Thp, true) => "transparent huge pages (2 MiB)",
+            (Backing::Thp, false) => "4 KiB pages (transparent huge pages are off on this host)",
+            (Backing::Hugetlb, _) => "hugetlbfs 2 MiB pages",
+        };
+        let _ = writeln!(o, "memory: {backing}, prefault {:.0} ms", m.prefault_ms);
         for p in &m.placement {
             let _ = writeln!(
                 o,
