@@ -10,15 +10,17 @@
 use std::path::Path;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::Aml;
+use acpi_tables::{aml, Aml};
 use numa::Layout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_guest::abi::{ACPI_END, ACPI_GPA};
 
 use crate::cpuid::CpuTopology;
+use crate::linux::{RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 
 /// OEM id in every table header.
 pub const OEM_ID: [u8; 6] = *b"RKSCAL";
@@ -172,19 +174,39 @@ impl AcpiTables {
             at
         };
         let dsdt = {
+            // \_S5_: the SLP_TYP a guest writes to the sleep control register to power off.
             let mut t = sdt(*b"DSDT", 6);
+            let s5 = S5_SLP_TYP;
+            aml::Name::new(
+                "_S5_".into(),
+                &aml::Package::new(vec![&s5, &0u8, &0u8, &0u8]),
+            )
+            .to_aml_bytes(&mut t);
             t.update_checksum();
             t.as_slice().to_vec()
         };
         let dsdt_gpa = place(dsdt.len());
-        let fadt = aml_bytes(
-            &FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
-                .dsdt_64(dsdt_gpa)
-                .flag(Flags::HwReducedAcpi)
-                .flag(Flags::PwrButton)
-                .flag(Flags::SlpButton)
-                .finalize(),
-        );
+        let io = |port: u16| {
+            GAS::new(
+                AddressSpace::SystemIo,
+                8,
+                0,
+                AccessSize::ByteAccess,
+                port.into(),
+            )
+        };
+        let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
+            .dsdt_64(dsdt_gpa)
+            .flag(Flags::HwReducedAcpi)
+            .flag(Flags::PwrButton)
+            .flag(Flags::SlpButton)
+            .flag(Flags::ResetRegSup);
+        // Hardware-reduced ACPI: power off and reset through these registers (see linux.rs).
+        fadt.sleep_control_reg = io(SLEEP_CONTROL_PORT);
+        fadt.sleep_status_reg = io(SLEEP_STATUS_PORT);
+        fadt.reset_reg = io(RESET_PORT);
+        fadt.reset_value = RESET_VALUE;
+        let fadt = aml_bytes(&fadt.finalize());
         let fadt_gpa = place(fadt.len());
         let madt = madt(cpus);
         let madt_gpa = place(madt.len());

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use numa::{GuestRange, LayoutRequest};
 
+use crate::linux::LinuxSpec;
 use crate::memory::Backing;
 
 /// The 32-bit MMIO hole (local APIC, I/O APIC, future PCI): no RAM between 3 GiB and 4 GiB.
@@ -32,6 +33,8 @@ pub enum ConsoleTarget {
 pub struct VmConfig {
     /// The vNUMA shape asked for.
     pub layout: LayoutRequest,
+    /// A Linux kernel to boot instead of the built-in guest.
+    pub kernel: Option<LinuxSpec>,
     /// Pin each vCPU thread to its own host CPU in its vnode's host node.
     pub pin: bool,
     /// Let vCPUs share host CPUs when a node has too few.
@@ -62,6 +65,7 @@ impl VmConfig {
                 distances: None,
                 mmio_hole: MMIO_HOLE,
             },
+            kernel: None,
             pin: false,
             overcommit: false,
             backing: Backing::Thp,

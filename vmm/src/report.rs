@@ -364,6 +364,10 @@ pub struct RunReport {
     pub memory: MemoryOut,
     /// vCPU threads.
     pub vcpu_threads: Vec<VcpuThread>,
+    /// `built-in` or `linux`.
+    pub guest: String,
+    /// How a Linux guest ended: `poweroff`, `reset` or `panic` (none if stopped from outside).
+    pub guest_exit: Option<String>,
     /// Where the vCPUs' APIC ids (CPUID) were checked against the plan.
     pub apic_ids_checked_by: String,
     /// What the guest saw.
@@ -393,10 +397,11 @@ pub struct RunReport {
 impl RunReport {
     /// True when the guest saw the layout, STREAM validated and nothing went wrong.
     pub fn success(&self) -> bool {
-        self.guest_view_matches
-            && self.stream.as_ref().is_some_and(|s| s.validated)
-            && self.errors.is_empty()
-            && self.stopped_by.is_none()
+        let finished = match self.guest.as_str() {
+            "linux" => matches!(self.guest_exit.as_deref(), Some("poweroff" | "reset")),
+            _ => self.stream.as_ref().is_some_and(|s| s.validated),
+        };
+        finished && self.guest_view_matches && self.errors.is_empty() && self.stopped_by.is_none()
     }
 
     /// Text for people: layout (as the seed's `show numa`), guest view, STREAM table, timing.
@@ -509,6 +514,9 @@ impl RunReport {
                 "VMM memory beyond guest RAM: {:.1} MiB RSS",
                 b as f64 / (1 << 20) as f64
             );
+        }
+        if let Some(x) = &self.guest_exit {
+            let _ = writeln!(o, "guest: {x}");
         }
         for e in &self.errors {
             let _ = writeln!(o, "error: {e}");

@@ -16,6 +16,7 @@ use vmm_guest::abi::{
 };
 
 use crate::builtin::{exception_name, pushes_error_code};
+use crate::linux::{RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use crate::ratelimit::RateLimit;
 
 /// Errors that end a vCPU.
@@ -78,34 +79,91 @@ pub enum Event {
     },
     /// A report from the guest.
     Report(u32, Report),
-    /// The vCPU stopped: `Ok(status)` when the guest said it was done, `Ok(None)` when stopped
-    /// from outside.
-    Exited(u32, Result<Option<u32>, VcpuError>),
+    /// The vCPU stopped.
+    Exited(u32, Result<VcpuEnd, VcpuError>),
     /// SIGINT or SIGTERM arrived.
     Signal(i32),
 }
 
-/// The serial device never raises an interrupt for the built-in guest (no irqchip).
-#[derive(Debug)]
-pub struct NoInterrupt;
+/// How a vCPU's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuEnd {
+    /// Stopped from outside (a signal, the timeout, another vCPU's failure).
+    Stopped,
+    /// The built-in guest said it was done, with this status (0: all checks passed).
+    Done(u32),
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (keyboard controller, ACPI reset register, triple fault).
+    Reset,
+}
 
-impl Trigger for NoInterrupt {
-    type E = std::convert::Infallible;
+/// Which guest runs: it decides which ports mean what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    /// The built-in guest (report port, no interrupts, no MMIO).
+    Builtin,
+    /// A Linux kernel (in-kernel irqchip, legacy ports, ACPI power registers).
+    Linux,
+}
+
+/// COM1's interrupt: none for the built-in guest (no irqchip), an irqfd for Linux.
+#[derive(Debug)]
+pub enum SerialIrq {
+    /// No interrupt line.
+    None,
+    /// Raises GSI 4 through KVM.
+    Irqfd(vmm_sys_util::eventfd::EventFd),
+}
+
+impl Trigger for SerialIrq {
+    type E = std::io::Error;
     fn trigger(&self) -> Result<(), Self::E> {
-        Ok(())
+        match self {
+            Self::None => Ok(()),
+            Self::Irqfd(e) => e.write(1),
+        }
     }
 }
 
-/// Console output that remembers when the guest first wrote to it.
+/// What Linux prints when it panics; a reset after it is reported as a panic.
+const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
+
+/// Console output that remembers when the guest first wrote to it and whether it panicked.
 pub struct ConsoleOut {
     out: Box<dyn Write + Send>,
     first: Arc<OnceLock<Instant>>,
+    panicked: Arc<AtomicBool>,
+    line: Vec<u8>,
 }
 
 impl ConsoleOut {
-    /// Wraps `out`; `first` receives the time of the first byte.
-    pub fn new(out: Box<dyn Write + Send>, first: Arc<OnceLock<Instant>>) -> Self {
-        Self { out, first }
+    /// Wraps `out`; `first` receives the time of the first byte, `panicked` is set when a line
+    /// says the kernel panicked.
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        first: Arc<OnceLock<Instant>>,
+        panicked: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            out,
+            first,
+            panicked,
+            line: Vec::new(),
+        }
+    }
+
+    fn watch(&mut self, buf: &[u8]) {
+        for &b in buf {
+            if b == b'\n' {
+                self.line.clear();
+            } else if self.line.len() < 256 {
+                self.line.push(b);
+                if self.line.ends_with(PANIC_MARK) {
+                    self.panicked.store(true, Ordering::Release);
+                }
+            }
+        }
     }
 }
 
@@ -118,6 +176,7 @@ impl std::fmt::Debug for ConsoleOut {
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.first.get_or_init(Instant::now);
+        self.watch(buf);
         let n = self.out.write(buf)?;
         // One byte per exit: flush at line ends so the console reads as it happens.
         if buf.contains(&b'\n') {
@@ -131,12 +190,14 @@ impl Write for ConsoleOut {
 }
 
 /// The shared COM1.
-pub type Console = Arc<Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, ConsoleOut>>>;
+pub type Console = Arc<Mutex<Serial<SerialIrq, vm_superio::serial::NoEvents, ConsoleOut>>>;
 
 /// Everything a vCPU thread needs besides its fd.
 pub struct VcpuContext {
     /// The vCPU index.
     pub index: u32,
+    /// Which guest runs.
+    pub kind: GuestKind,
     /// Host CPU to pin to, if pinning.
     pub pin: Option<u32>,
     /// Guest memory (mailboxes, exception frames).
@@ -187,16 +248,17 @@ pub fn run(mut fd: VcpuFd, ctx: VcpuContext) {
     let _ = ctx.events.send(Event::Exited(me, result));
 }
 
-fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<u32>, VcpuError> {
+fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<VcpuEnd, VcpuError> {
     let me = ctx.index;
+    let linux = ctx.kind == GuestKind::Linux;
     let mut odd_ports = RateLimit::new(5, std::time::Duration::from_secs(1));
     loop {
         if ctx.stop.load(Ordering::Acquire) {
-            return Ok(None);
+            return Ok(VcpuEnd::Stopped);
         }
         match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => match port {
-                PORT_REPORT => {
+                PORT_REPORT if !linux => {
                     let mut v = [0u8; 4];
                     let n = data.len().min(4);
                     v[..n].copy_from_slice(&data[..n]);
@@ -205,7 +267,7 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<u32>, VcpuError
                         return Err(exception(fd, me, &ctx.mem, value & 0xff));
                     }
                     if let Some(status) = report(ctx, value)? {
-                        return Ok(Some(status));
+                        return Ok(VcpuEnd::Done(status));
                     }
                 }
                 p if (PORT_COM1..PORT_COM1 + 8).contains(&p) => {
@@ -213,6 +275,17 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<u32>, VcpuError
                     // Output errors (a closed pipe) must not stop the guest.
                     let _ = console.write((p - PORT_COM1) as u8, data[0]);
                 }
+                // i8042 "pulse reset line" (Linux's reboot=k).
+                0x64 if linux && data[0] == 0xfe => return Ok(VcpuEnd::Reset),
+                // SLP_EN with S5's SLP_TYP: soft off.
+                SLEEP_CONTROL_PORT
+                    if linux && data[0] & 0x20 != 0 && (data[0] >> 2) & 0x7 == S5_SLP_TYP =>
+                {
+                    return Ok(VcpuEnd::PowerOff)
+                }
+                RESET_PORT if linux && data[0] == RESET_VALUE => return Ok(VcpuEnd::Reset),
+                // Linux probes legacy ports (POST codes, PIC, CMOS, PCI): nothing answers.
+                _ if linux => {}
                 p => {
                     if odd_ports.allow() {
                         log::warn!("vCPU {me}: write to unhandled port {p:#x} ignored");
@@ -226,17 +299,33 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<u32>, VcpuError
                         .lock()
                         .expect("console lock")
                         .read((port - PORT_COM1) as u8);
+                } else if linux && matches!(port, 0x60 | 0x64 | SLEEP_STATUS_PORT) {
+                    // Empty keyboard controller, no sleep in progress.
+                    data.fill(0);
                 } else {
                     data.fill(0xff);
                 }
             }
+            Ok(VcpuExit::Hlt) if linux => {}
             Ok(VcpuExit::Hlt) => return Err(VcpuError::UnexpectedExit(me, "HLT".into())),
+            // Linux falls back to a triple fault to reboot.
+            Ok(VcpuExit::Shutdown) if linux => return Ok(VcpuEnd::Reset),
             Ok(VcpuExit::Shutdown) => {
                 return Err(VcpuError::UnexpectedExit(
                     me,
                     "shutdown (triple fault)".into(),
                 ))
             }
+            Ok(VcpuExit::SystemEvent(kind, _)) if linux => {
+                return Ok(if kind == kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN {
+                    VcpuEnd::PowerOff
+                } else {
+                    VcpuEnd::Reset
+                });
+            }
+            // No MMIO devices: reads float high, writes go nowhere.
+            Ok(VcpuExit::MmioRead(_, data)) if linux => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) if linux => {}
             Ok(VcpuExit::InternalError) => {
                 let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
                 return Err(VcpuError::UnexpectedExit(

@@ -7,12 +7,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use numa::{plan_layout, plan_pinning, HostTopology, Layout, PinPlan};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::Serial;
 use vmm_guest::abi::{GuestConfig, StreamSummary, Topology, VcpuStream};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::acpi::{AcpiError, AcpiTables};
@@ -20,11 +23,12 @@ use crate::builtin::{self, BuiltinBoot, BuiltinError};
 use crate::config::{ConsoleTarget, VmConfig};
 use crate::cpuid::{CpuTopology, CpuidError};
 use crate::host_stream;
+use crate::linux::{self, LinuxBoot, LinuxError, COM1_IRQ};
 use crate::memory::{GuestRam, MemoryError};
 use crate::report::{
     self, GuestTopology, LayoutOut, MemoryOut, RunReport, StreamFigures, TimingOut, VcpuThread,
 };
-use crate::vcpu::{self, ConsoleOut, Event, NoInterrupt, Report, VcpuContext};
+use crate::vcpu::{self, ConsoleOut, Event, GuestKind, Report, SerialIrq, VcpuContext, VcpuEnd};
 
 /// Errors of a run, each one clear line.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,12 @@ pub enum VmmError {
     /// The built-in guest cannot run this layout, or did not load.
     #[error("{0}")]
     Builtin(#[from] BuiltinError),
+    /// The Linux kernel, initramfs or command line cannot be booted.
+    #[error("{0}")]
+    Linux(#[from] LinuxError),
+    /// An option that only the built-in guest takes was given with --kernel.
+    #[error("{0} only applies to the built-in guest, not with --kernel")]
+    BuiltinOnly(&'static str),
     /// No KVM on this host.
     #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualisation)")]
     NoKvm,
@@ -71,7 +81,11 @@ impl VmmError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            Self::Layout(_) | Self::Pin(_) | Self::Builtin(BuiltinError::Unsupported(_))
+            Self::Layout(_)
+                | Self::Pin(_)
+                | Self::Builtin(BuiltinError::Unsupported(_))
+                | Self::BuiltinOnly(_)
+                | Self::Linux(LinuxError::CmdlineTooLong(..) | LinuxError::Cmdline(_))
         )
     }
 }
@@ -97,7 +111,11 @@ pub fn plan(config: &VmConfig) -> Result<Plan, VmmError> {
 /// Plans a run on a given host topology (tests use sysfs fixtures).
 pub fn plan_on(host: HostTopology, config: &VmConfig) -> Result<Plan, VmmError> {
     let layout = plan_layout(&host, &config.layout)?;
-    builtin::check_layout(&layout, config.passes)?;
+    if config.kernel.is_none() {
+        builtin::check_layout(&layout, config.passes)?;
+    } else if config.compare_host {
+        return Err(VmmError::BuiltinOnly("--compare-host"));
+    }
     let pins = if config.pin {
         Some(plan_pinning(&host, &layout, config.overcommit)?)
     } else {
@@ -112,18 +130,24 @@ pub fn plan_on(host: HostTopology, config: &VmConfig) -> Result<Plan, VmmError> 
     })
 }
 
-/// A built VM, ready to run.
+/// How the vCPUs start.
+enum Start {
+    Builtin(BuiltinBoot),
+    Linux(LinuxBoot),
+}
+
+/// A built VM, ready to run. Fields drop in order: vCPUs and the VM before guest RAM.
 pub struct Vmm {
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    ram: GuestRam,
     plan: Plan,
     config: VmConfig,
-    ram: GuestRam,
-    // Kept open for the VM's lifetime.
-    _kvm: Kvm,
-    _vm: VmFd,
-    vcpus: Vec<VcpuFd>,
     /// APIC id in each vCPU's CPUID table as KVM holds it.
     kvm_apic_ids: Vec<u32>,
     tsc_khz: u32,
+    serial_irq: SerialIrq,
     started: Instant,
 }
 
@@ -172,6 +196,18 @@ impl Vmm {
             .collect();
         let ram = GuestRam::new(layout, config.backing, &prefault_cpus)?;
         let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("create VM", e))?;
+        if config.kernel.is_some() {
+            // Linux wants the PC's interrupt controllers and timer; the built-in guest has no
+            // interrupts at all (and on kvm_pvm, CPL-0 interrupt handling would be emulated).
+            vm.create_irq_chip()
+                .map_err(|e| VmmError::Kvm("create irqchip", e))?;
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit)
+                .map_err(|e| VmmError::Kvm("create PIT", e))?;
+        }
         // Intel VMX needs a 3-page TSS area in guest-physical space; put it in the MMIO hole.
         // Other hosts either ignore it or do not implement it, which is harmless here.
         let _ = vm.set_tss_address(0xfffb_d000);
@@ -189,8 +225,8 @@ impl Vmm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
-            // SAFETY: the host range is guest RAM owned by `ram`, which lives as long as the VM
-            // (both are fields of Vmm; the VM fd closes first when dropped? No: see field order).
+            // SAFETY: the host range is guest RAM owned by `ram`, which outlives the VM fd (see
+            // the field order of `Vmm` and the explicit drop in `run`).
             unsafe { vm.set_user_memory_region(mr) }
                 .map_err(|e| VmmError::Kvm("set memory region", e))?;
         }
@@ -214,14 +250,17 @@ impl Vmm {
         let tsc_khz = vcpus[0]
             .get_tsc_khz()
             .unwrap_or_else(|_| calibrate_tsc_khz());
-        let boot = BuiltinBoot::load(
-            ram.memory(),
-            layout,
-            GuestConfig {
-                passes: config.passes,
-                tsc_khz,
-            },
-        )?;
+        let start = match &config.kernel {
+            None => Start::Builtin(BuiltinBoot::load(
+                ram.memory(),
+                layout,
+                GuestConfig {
+                    passes: config.passes,
+                    tsc_khz,
+                },
+            )?),
+            Some(spec) => Start::Linux(LinuxBoot::load(ram.memory(), layout, spec)?),
+        };
         for (i, fd) in vcpus.iter().enumerate() {
             let i = i as u32;
             fd.set_cpuid2(&plan.cpus.cpuid(&supported, i, tsc_khz)?)
@@ -231,14 +270,58 @@ impl Vmm {
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
                 .map_err(|e| VmmError::Kvm("get CPUID", e))?;
             kvm_apic_ids.push(crate::cpuid::apic_id_of(&back).unwrap_or(u32::MAX));
-            let sregs = fd.get_sregs().map_err(|e| VmmError::Kvm("get sregs", e))?;
-            fd.set_sregs(&boot.sregs(i, sregs))
-                .map_err(|e| VmmError::Kvm("set sregs", e))?;
-            fd.set_regs(&boot.regs(i))
-                .map_err(|e| VmmError::Kvm("set regs", e))?;
-            fd.set_fpu(&BuiltinBoot::fpu())
-                .map_err(|e| VmmError::Kvm("set FPU", e))?;
+            match &start {
+                Start::Builtin(boot) => {
+                    let sregs = fd.get_sregs().map_err(|e| VmmError::Kvm("get sregs", e))?;
+                    fd.set_sregs(&boot.sregs(i, sregs))
+                        .map_err(|e| VmmError::Kvm("set sregs", e))?;
+                    fd.set_regs(&boot.regs(i))
+                        .map_err(|e| VmmError::Kvm("set regs", e))?;
+                    fd.set_fpu(&BuiltinBoot::fpu())
+                        .map_err(|e| VmmError::Kvm("set FPU", e))?;
+                }
+                Start::Linux(boot) => {
+                    let msrs = LinuxBoot::msrs();
+                    let n = fd
+                        .set_msrs(&msrs)
+                        .map_err(|e| VmmError::Kvm("set MSRs", e))?;
+                    if n != msrs.as_slice().len() {
+                        log::warn!(
+                            "vCPU {i}: KVM took {n} of {} boot MSRs",
+                            msrs.as_slice().len()
+                        );
+                    }
+                    let mut lapic = fd.get_lapic().map_err(|e| VmmError::Kvm("get LAPIC", e))?;
+                    linux::set_lint(&mut lapic);
+                    fd.set_lapic(&lapic)
+                        .map_err(|e| VmmError::Kvm("set LAPIC", e))?;
+                    // Only the boot vCPU starts; the others wait for INIT/SIPI from it.
+                    if i == 0 {
+                        let sregs = fd.get_sregs().map_err(|e| VmmError::Kvm("get sregs", e))?;
+                        fd.set_sregs(&LinuxBoot::sregs(sregs))
+                            .map_err(|e| VmmError::Kvm("set sregs", e))?;
+                        fd.set_regs(&boot.regs())
+                            .map_err(|e| VmmError::Kvm("set regs", e))?;
+                        fd.set_fpu(&LinuxBoot::fpu())
+                            .map_err(|e| VmmError::Kvm("set FPU", e))?;
+                    }
+                }
+            }
         }
+        let serial_irq = match start {
+            Start::Builtin(_) => SerialIrq::None,
+            Start::Linux(_) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+                    VmmError::Kvm(
+                        "create serial eventfd",
+                        kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+                    )
+                })?;
+                vm.register_irqfd(&evt, COM1_IRQ)
+                    .map_err(|e| VmmError::Kvm("register serial irqfd", e))?;
+                SerialIrq::Irqfd(evt)
+            }
+        };
         Ok(Self {
             plan,
             config,
@@ -248,6 +331,7 @@ impl Vmm {
             vcpus,
             kvm_apic_ids,
             tsc_khz,
+            serial_irq,
             started,
         })
     }
@@ -263,8 +347,14 @@ impl Vmm {
             vcpus,
             kvm_apic_ids,
             tsc_khz,
+            serial_irq,
             started,
         } = self;
+        let kind = if config.kernel.is_some() {
+            GuestKind::Linux
+        } else {
+            GuestKind::Builtin
+        };
         let layout = &plan.layout;
         let placement = ram.placement(layout)?;
         if let Some(p) = &plan.pins {
@@ -279,9 +369,10 @@ impl Vmm {
             ConsoleTarget::Stderr => Box::new(std::io::stderr()),
             ConsoleTarget::Sink => Box::new(std::io::sink()),
         };
+        let panicked = Arc::new(AtomicBool::new(false));
         let console = Arc::new(Mutex::new(Serial::new(
-            NoInterrupt,
-            ConsoleOut::new(out, first_output.clone()),
+            serial_irq,
+            ConsoleOut::new(out, first_output.clone(), panicked.clone()),
         )));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = channel();
@@ -292,6 +383,7 @@ impl Vmm {
         for (i, fd) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 index: i as u32,
+                kind,
                 pin: plan.pins.as_ref().map(|p| p.vcpu_cpus[i]),
                 mem: ram.memory().clone(),
                 console: console.clone(),
@@ -313,6 +405,7 @@ impl Vmm {
         let mut summary: Option<Box<StreamSummary>> = None;
         let mut errors = Vec::new();
         let mut stopped_by = None;
+        let mut guest_exit: Option<VcpuEnd> = None;
         let mut exited = 0;
         let deadline = config.timeout.map(|t| run_start + t);
         while exited < n {
@@ -350,10 +443,17 @@ impl Vmm {
                     errors.push(format!("guest vCPU {v}: {text}"));
                     stop.store(true, Ordering::Release);
                 }
-                Event::Exited(v, Ok(Some(status))) if status != 0 => {
+                Event::Exited(v, Ok(VcpuEnd::Done(status))) if status != 0 => {
                     exited += 1;
                     errors.push(format!("guest vCPU {v} finished with status {status}"));
                     // The others may be waiting for it at a barrier: stop them.
+                    stop.store(true, Ordering::Release);
+                    kick(&handles);
+                }
+                Event::Exited(_, Ok(end @ (VcpuEnd::PowerOff | VcpuEnd::Reset))) => {
+                    exited += 1;
+                    guest_exit.get_or_insert(end);
+                    // The machine is off: every other vCPU stops too.
                     stop.store(true, Ordering::Release);
                     kick(&handles);
                 }
@@ -375,14 +475,19 @@ impl Vmm {
         for h in handles {
             let _ = h.join();
         }
+        // The VM is done: close it before anything else uses (or frees) guest RAM.
+        drop(_vm);
         signals.finish();
         let run_ms = ms(run_start.elapsed());
         let vmm_overhead_bytes = crate::rss::overhead_bytes(layout.memory_bytes());
 
         let guest_topology = topology.as_deref().map(GuestTopology::new);
-        let mut mismatches = match &guest_topology {
-            Some(g) => g.mismatches(layout, &plan.cpus),
-            None => vec!["the guest reported no topology".to_string()],
+        // A Linux guest's view is checked from inside it (numactl, sysfs); the built-in guest
+        // reports its own.
+        let mut mismatches = match (&guest_topology, kind) {
+            (Some(g), _) => g.mismatches(layout, &plan.cpus),
+            (None, GuestKind::Builtin) => vec!["the guest reported no topology".to_string()],
+            (None, GuestKind::Linux) => Vec::new(),
         };
         for (v, (&planned, &kvm)) in plan.cpus.apic_ids.iter().zip(&kvm_apic_ids).enumerate() {
             if planned != kvm {
@@ -407,6 +512,15 @@ impl Vmm {
                     planned
                 ));
             }
+        }
+        let guest_exit = guest_exit.map(|end| match end {
+            VcpuEnd::Reset if panicked.load(Ordering::Acquire) => "panic",
+            VcpuEnd::Reset => "reset",
+            VcpuEnd::PowerOff => "poweroff",
+            VcpuEnd::Done(_) | VcpuEnd::Stopped => "done",
+        });
+        if guest_exit == Some("panic") {
+            errors.push("the guest kernel panicked (see its console)".to_string());
         }
         let apic_ids_checked_by = if cpuid_seen_by_guest {
             "guest CPUID and KVM's CPUID table"
@@ -451,6 +565,12 @@ impl Vmm {
                 all_local: placement.iter().all(|p| p.all_local()),
                 placement,
             },
+            guest: match kind {
+                GuestKind::Builtin => "built-in",
+                GuestKind::Linux => "linux",
+            }
+            .to_string(),
+            guest_exit: guest_exit.map(str::to_string),
             vcpu_threads: threads,
             apic_ids_checked_by: apic_ids_checked_by.to_string(),
             guest_view_matches: mismatches.is_empty(),

@@ -1,0 +1,425 @@
+//! Boots a Linux kernel: bzImage through the 64-bit boot protocol (Documentation/x86/boot.rst),
+//! with an initramfs, a command line, an e820 map of one or two RAM ranges per vnode and the holes
+//! Linux expects, and the ACPI tables of [`crate::acpi`] (RSDP in the BIOS area and in the zero
+//! page). Only the boot vCPU gets registers; the others wait for INIT/SIPI in the in-kernel LAPIC.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use linux_loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use numa::Layout;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_guest::abi::ACPI_GPA;
+
+/// The command line used when none is given.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// I/O port of the ACPI sleep control register (FADT, hardware-reduced ACPI): the guest writes
+/// `SLP_TYP << 2 | SLP_EN` here to power off.
+pub const SLEEP_CONTROL_PORT: u16 = 0x600;
+/// I/O port of the ACPI sleep status register.
+pub const SLEEP_STATUS_PORT: u16 = 0x601;
+/// I/O port of the ACPI reset register.
+pub const RESET_PORT: u16 = 0x604;
+/// Value the guest writes to [`RESET_PORT`].
+pub const RESET_VALUE: u8 = 0x1;
+/// `SLP_TYP` of S5 (soft off) in the DSDT's `_S5_` package.
+pub const S5_SLP_TYP: u8 = 5;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+const ZERO_PAGE: u64 = 0x7000;
+const BOOT_STACK: u64 = 0x8ff0;
+const GDT: u64 = 0x500;
+const IDT: u64 = 0x520;
+const PML4: u64 = 0x9000;
+const PDPT: u64 = 0xa000;
+const PD: u64 = 0xb000;
+const CMDLINE: u64 = 0x2_0000;
+const HIMEM: u64 = 0x10_0000;
+const EBDA: u64 = 0x9_fc00;
+const GIB: u64 = 1 << 30;
+const MIB2: u64 = 2 << 20;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+const E820_MAX: usize = 128;
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinuxSpec {
+    /// bzImage.
+    pub kernel: PathBuf,
+    /// Initial ramdisk (cpio), if any.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Errors loading Linux.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    /// A file cannot be opened or read.
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    /// The kernel is not a bzImage we can boot.
+    #[error("{0} is not a bootable bzImage ({1})")]
+    Kernel(String, linux_loader::loader::Error),
+    /// The kernel is too old for the 64-bit boot protocol.
+    #[error("{0}: boot protocol {1}.{2:02} is older than 2.12, which 64-bit boot needs")]
+    OldProtocol(String, u16, u16),
+    /// The command line is too long.
+    #[error("the kernel command line is {0} bytes, over the kernel's limit of {1}")]
+    CmdlineTooLong(usize, usize),
+    /// The command line has characters the kernel does not take.
+    #[error("the kernel command line is invalid: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    /// The initramfs does not fit.
+    #[error("the initramfs ({0} MiB) does not fit in guest RAM below 4 GiB above the kernel ({1} MiB free there)")]
+    InitramfsTooLarge(u64, u64),
+    /// Too many memory ranges for the zero page.
+    #[error("the layout needs {0} e820 entries, more than the {E820_MAX} the zero page holds")]
+    TooManyRanges(usize),
+    /// Guest memory could not be written.
+    #[error("cannot write the kernel's boot data into guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// vnode 0 does not start at 0 or is too small for the low boot area.
+    #[error("Linux needs vnode 0 to start at guest address 0 with at least 64 MiB")]
+    LowMemory,
+}
+
+/// The zero page, as plain bytes for vm-memory.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ZeroPage(boot_params);
+
+// SAFETY: boot_params is a bindgen repr(C, packed) struct of integers and arrays of integers:
+// every bit pattern is valid and it has no padding or pointers.
+unsafe impl ByteValued for ZeroPage {}
+
+/// A loaded kernel: where the boot vCPU starts.
+#[derive(Debug, Clone, Copy)]
+pub struct LinuxBoot {
+    entry: u64,
+}
+
+fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> LinuxError + '_ {
+    move |e| LinuxError::Read(path.display().to_string(), e)
+}
+
+/// The e820 map: RAM per guest range, with the EBDA and the BIOS area (where the ACPI tables
+/// are) reserved below 1 MiB.
+pub fn e820(layout: &Layout) -> Result<Vec<boot_e820_entry>, LinuxError> {
+    let mut ranges: Vec<(u64, u64)> = layout
+        .vnodes
+        .iter()
+        .flat_map(|v| v.ranges.iter().map(|r| (r.start, r.end)))
+        .collect();
+    ranges.sort_unstable();
+    let entry = |addr, end: u64, r#type| boot_e820_entry {
+        addr,
+        size: end - addr,
+        r#type,
+    };
+    let mut out = Vec::new();
+    for (start, end) in ranges {
+        if start < HIMEM {
+            out.push(entry(start, end.min(EBDA), E820_RAM));
+            out.push(entry(EBDA, HIMEM, E820_RESERVED));
+            if end > HIMEM {
+                out.push(entry(HIMEM, end, E820_RAM));
+            }
+        } else {
+            out.push(entry(start, end, E820_RAM));
+        }
+    }
+    if out.len() > E820_MAX {
+        return Err(LinuxError::TooManyRanges(out.len()));
+    }
+    Ok(out)
+}
+
+/// Identity map of the first 4 GiB with 2 MiB pages, as the 64-bit boot protocol requires for
+/// the kernel, zero page, command line and initramfs.
+fn page_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+    mem.write_obj(PDPT | 0x3, GuestAddress(PML4))?;
+    for g in 0..4u64 {
+        mem.write_obj((PD + g * 0x1000) | 0x3, GuestAddress(PDPT + g * 8))?;
+        for i in 0..512u64 {
+            let addr = g * GIB + i * MIB2;
+            mem.write_obj(addr | 0x83, GuestAddress(PD + g * 0x1000 + i * 8))?;
+        }
+    }
+    Ok(())
+}
+
+impl LinuxBoot {
+    /// Loads kernel, initramfs and command line and writes the zero page, GDT and page tables.
+    pub fn load(
+        mem: &GuestMemoryMmap,
+        layout: &Layout,
+        spec: &LinuxSpec,
+    ) -> Result<Self, LinuxError> {
+        let low = layout.vnodes.first().and_then(|v| v.ranges.first());
+        if low.is_none_or(|r| r.start != 0 || r.end < 64 << 20) {
+            return Err(LinuxError::LowMemory);
+        }
+        let kpath = spec.kernel.display().to_string();
+        let mut kernel = File::open(&spec.kernel).map_err(read_error(&spec.kernel))?;
+        let loaded = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM)))
+            .map_err(|e| LinuxError::Kernel(kpath.clone(), e))?;
+        let mut hdr = loaded.setup_header.ok_or_else(|| {
+            LinuxError::Kernel(
+                kpath.clone(),
+                linux_loader::loader::Error::InvalidKernelStartAddress,
+            )
+        })?;
+        let version = hdr.version;
+        if version < 0x020c {
+            return Err(LinuxError::OldProtocol(kpath, version >> 8, version & 0xff));
+        }
+
+        // Command line, within the kernel's own limit.
+        let limit = match hdr.cmdline_size {
+            0 => 2048,
+            n => n as usize,
+        };
+        if spec.cmdline.len() >= limit {
+            return Err(LinuxError::CmdlineTooLong(spec.cmdline.len(), limit - 1));
+        }
+        let mut cmdline = Cmdline::new(limit).map_err(LinuxError::Cmdline)?;
+        cmdline
+            .insert_str(&spec.cmdline)
+            .map_err(LinuxError::Cmdline)?;
+        load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(|_| {
+            LinuxError::GuestMemory(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                GuestAddress(CMDLINE),
+            ))
+        })?;
+
+        // Initramfs: as high as possible below 4 GiB (and the kernel's limit), above everything
+        // the kernel will use while it decompresses itself.
+        if let Some(path) = &spec.initramfs {
+            let data = std::fs::read(path).map_err(read_error(path))?;
+            let size = data.len() as u64;
+            let floor = loaded
+                .kernel_end
+                .max(hdr.pref_address + u64::from(hdr.init_size));
+            let ceiling = u64::from(hdr.initrd_addr_max)
+                .saturating_add(1)
+                .min(4 * GIB);
+            let best = layout
+                .vnodes
+                .iter()
+                .flat_map(|v| &v.ranges)
+                .filter_map(|r| {
+                    let top = r.end.min(ceiling);
+                    let start = top.checked_sub(size)? / 4096 * 4096;
+                    (start >= r.start.max(floor)).then_some(start)
+                })
+                .max();
+            let Some(at) = best else {
+                let free = layout
+                    .vnodes
+                    .iter()
+                    .flat_map(|v| &v.ranges)
+                    .map(|r| r.end.min(ceiling).saturating_sub(r.start.max(floor)))
+                    .max()
+                    .unwrap_or(0);
+                return Err(LinuxError::InitramfsTooLarge(
+                    size.div_ceil(1 << 20),
+                    free >> 20,
+                ));
+            };
+            mem.write_slice(&data, GuestAddress(at))
+                .map_err(LinuxError::GuestMemory)?;
+            hdr.ramdisk_image = at as u32;
+            hdr.ramdisk_size = size as u32;
+        }
+
+        hdr.type_of_loader = 0xff;
+        hdr.boot_flag = 0xaa55;
+        hdr.header = 0x5372_6448; // "HdrS"
+        hdr.cmd_line_ptr = CMDLINE as u32;
+        hdr.cmdline_size = spec.cmdline.len() as u32;
+        hdr.loadflags |= 0x01 | 0x80; // LOADED_HIGH, CAN_USE_HEAP
+        hdr.heap_end_ptr = 0xfe00;
+        let mut params = boot_params {
+            hdr,
+            acpi_rsdp_addr: ACPI_GPA,
+            ..Default::default()
+        };
+        let map = e820(layout)?;
+        params.e820_entries = map.len() as u8;
+        params.e820_table[..map.len()].copy_from_slice(&map);
+        let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(LinuxError::GuestMemory);
+        w(mem.write_obj(ZeroPage(params), GuestAddress(ZERO_PAGE)))?;
+        // GDT: null, null, 64-bit code (__BOOT_CS 0x10), data (__BOOT_DS 0x18), TSS (0x20).
+        let gdt: [u64; 5] = [
+            0,
+            0,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x008f_8b00_0000_ffff,
+        ];
+        for (i, d) in gdt.iter().enumerate() {
+            w(mem.write_obj(*d, GuestAddress(GDT + i as u64 * 8)))?;
+        }
+        w(mem.write_obj(0u64, GuestAddress(IDT)))?;
+        w(page_tables(mem))?;
+        // The 64-bit entry point is 0x200 past the start of the protected-mode kernel.
+        Ok(Self {
+            entry: loaded.kernel_load.0 + 0x200,
+        })
+    }
+
+    /// The boot vCPU's general registers: entry, boot stack, zero page in `rsi`.
+    pub fn regs(&self) -> kvm_regs {
+        kvm_regs {
+            rip: self.entry,
+            rsp: BOOT_STACK,
+            rbp: BOOT_STACK,
+            rsi: ZERO_PAGE,
+            rflags: 0x2,
+            ..Default::default()
+        }
+    }
+
+    /// The boot vCPU's segments and control registers: 64-bit mode, paging on, CPL 0.
+    pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
+        let seg = |selector: u16, type_: u8, l: u8, db: u8, s_: u8| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db,
+            s: s_,
+            l,
+            g: 1,
+            ..Default::default()
+        };
+        s.cs = seg(0x10, 0xb, 1, 0, 1);
+        let data = seg(0x18, 0x3, 0, 1, 1);
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+        s.tr = seg(0x20, 0xb, 0, 0, 0);
+        s.gdt.base = GDT;
+        s.gdt.limit = 5 * 8 - 1;
+        s.idt.base = IDT;
+        s.idt.limit = 7;
+        s.cr0 = 0x8000_0011; // PG | ET | PE
+        s.cr3 = PML4;
+        s.cr4 = 0x20; // PAE
+        s.efer = 0x500; // LMA | LME
+        s
+    }
+
+    /// x87/SSE defaults.
+    pub fn fpu() -> kvm_fpu {
+        kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        }
+    }
+
+    /// MSRs every vCPU starts with: syscall MSRs cleared, fast strings on, MTRRs enabled with
+    /// write-back as the default type (without it all guest memory is uncached).
+    pub fn msrs() -> Msrs {
+        let e = |index: u32, data: u64| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        };
+        Msrs::from_entries(&[
+            e(0x174, 0),             // IA32_SYSENTER_CS
+            e(0x175, 0),             // IA32_SYSENTER_ESP
+            e(0x176, 0),             // IA32_SYSENTER_EIP
+            e(0xc000_0081, 0),       // STAR
+            e(0xc000_0082, 0),       // LSTAR
+            e(0xc000_0083, 0),       // CSTAR
+            e(0xc000_0084, 0),       // SYSCALL_MASK
+            e(0xc000_0102, 0),       // KERNEL_GS_BASE
+            e(0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+            e(0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
+        ])
+        .expect("a fixed, small MSR list")
+    }
+}
+
+/// Sets LINT0 to ExtINT and LINT1 to NMI in a local APIC image, as a PC's BIOS leaves them.
+pub fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
+    let mut set = |offset: usize, mode: u32| {
+        let r = &mut lapic.regs[offset..offset + 4];
+        let cur = u32::from_le_bytes([r[0] as u8, r[1] as u8, r[2] as u8, r[3] as u8]);
+        let v = (cur & !0x700) | (mode << 8);
+        for (d, b) in r.iter_mut().zip(v.to_le_bytes()) {
+            *d = b as _;
+        }
+    };
+    set(0x350, 0x7); // LVT LINT0: ExtINT
+    set(0x360, 0x4); // LVT LINT1: NMI
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::layout;
+
+    #[test]
+    fn e820_reserves_the_bios_area_and_keeps_the_hole() {
+        let l = layout(
+            &[(vec![0], &[(0, 3 * GIB)]), (vec![1], &[(4 * GIB, 5 * GIB)])],
+            vec![vec![10, 20], vec![20, 10]],
+        );
+        let m: Vec<(u64, u64, u32)> = e820(&l)
+            .unwrap()
+            .iter()
+            .map(|e| (e.addr, e.size, e.r#type))
+            .collect();
+        assert_eq!(
+            m,
+            vec![
+                (0, EBDA, E820_RAM),
+                (EBDA, HIMEM - EBDA, E820_RESERVED),
+                (HIMEM, 3 * GIB - HIMEM, E820_RAM),
+                (4 * GIB, GIB, E820_RAM),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_and_corrupt_kernels_are_clear_errors() {
+        let l = layout(&[(vec![0], &[(0, 128 << 20)])], vec![vec![10]]);
+        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, &[vec![]]).unwrap();
+        let spec = |kernel: &Path| LinuxSpec {
+            kernel: kernel.to_path_buf(),
+            initramfs: None,
+            cmdline: DEFAULT_CMDLINE.into(),
+        };
+        let e = LinuxBoot::load(ram.memory(), &l, &spec(Path::new("/nonexistent/bzImage")))
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("cannot read /nonexistent/bzImage"),
+            "{e}"
+        );
+        let junk = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(junk.path(), vec![0x5a; 8192]).unwrap();
+        let e = LinuxBoot::load(ram.memory(), &l, &spec(junk.path())).unwrap_err();
+        assert!(e.to_string().contains("is not a bootable bzImage"), "{e}");
+    }
+
+    #[test]
+    fn lint_modes_are_set() {
+        let mut lapic = kvm_bindings::kvm_lapic_state::default();
+        set_lint(&mut lapic);
+        assert_eq!((lapic.regs[0x351] as u8) & 0x7, 0x7);
+        assert_eq!((lapic.regs[0x361] as u8) & 0x7, 0x4);
+    }
+}
