@@ -20,7 +20,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_guest::abi::{ACPI_END, ACPI_GPA};
 
 use crate::cpuid::CpuTopology;
-use crate::linux::{RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use crate::linux::{
+    COM1_IRQ, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+};
 
 /// OEM id in every table header.
 pub const OEM_ID: [u8; 6] = *b"RKSCAL";
@@ -99,6 +101,11 @@ fn madt(cpus: &CpuTopology) -> Vec<u8> {
     t.append_slice(&[1, 12, (cpus.max_apic_id() + 1).min(255) as u8, 0]);
     t.append(IOAPIC_ADDRESS);
     t.append(0u32);
+    // Interrupt source override: ISA IRQ 0 (the PIT) is GSI 2, as on a PC (see
+    // linux::pc_irq_routing). Type 2, length 10, bus 0 (ISA), source, GSI, flags (conforming).
+    t.append_slice(&[2, 10, 0, 0]);
+    t.append(2u32);
+    t.append(0u16);
     t.update_checksum();
     t.as_slice().to_vec()
 }
@@ -162,6 +169,33 @@ fn slit(layout: &Layout) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
+/// DSDT: `\_S5_` (the SLP_TYP a guest writes to the sleep control register to power off) and
+/// COM1 as a PNP0501 device. In hardware-reduced mode Linux has no legacy PIC IRQs, so its 8250
+/// driver gets IRQ 4 only through this `_CRS` (as with Cloud Hypervisor's DSDT).
+fn dsdt() -> Vec<u8> {
+    let mut t = sdt(*b"DSDT", 6);
+    let s5 = S5_SLP_TYP;
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut t);
+    let hid = aml::EISAName::new("PNP0501");
+    let uid = 0u8;
+    let io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
+    let irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&io, &irq]);
+    let (n_hid, n_uid, n_crs) = (
+        aml::Name::new("_HID".into(), &hid),
+        aml::Name::new("_UID".into(), &uid),
+        aml::Name::new("_CRS".into(), &crs),
+    );
+    let com1 = aml::Device::new("COM1".into(), vec![&n_hid, &n_uid, &n_crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&com1]).to_aml_bytes(&mut t);
+    t.update_checksum();
+    t.as_slice().to_vec()
+}
+
 impl AcpiTables {
     /// Builds every table for `layout` and lays them out from [`ACPI_GPA`].
     pub fn new(layout: &Layout, cpus: &CpuTopology) -> Result<Self, AcpiError> {
@@ -173,18 +207,7 @@ impl AcpiTables {
             next = align(at + len as u64);
             at
         };
-        let dsdt = {
-            // \_S5_: the SLP_TYP a guest writes to the sleep control register to power off.
-            let mut t = sdt(*b"DSDT", 6);
-            let s5 = S5_SLP_TYP;
-            aml::Name::new(
-                "_S5_".into(),
-                &aml::Package::new(vec![&s5, &0u8, &0u8, &0u8]),
-            )
-            .to_aml_bytes(&mut t);
-            t.update_checksum();
-            t.as_slice().to_vec()
-        };
+        let dsdt = dsdt();
         let dsdt_gpa = place(dsdt.len());
         let io = |port: u16| {
             GAS::new(

@@ -352,6 +352,42 @@ impl LinuxBoot {
     }
 }
 
+/// The PC's interrupt routing, as QEMU sets it up for its in-kernel irqchip: GSI i to I/O APIC
+/// pin i, except the PIT's GSI 0, which goes to pin 2 (the MADT says so with an interrupt source
+/// override); GSIs 0-15 also to the 8259s. KVM's default routes GSI 0 to pin 0, and Linux's
+/// boot-time timer check then fails ("IO-APIC + timer doesn't work!").
+pub fn pc_irq_routing() -> kvm_bindings::KvmIrqRouting {
+    use kvm_bindings::{
+        kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+        KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    };
+    let route = |gsi: u32, irqchip: u32, pin: u32| kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip, pin },
+        },
+        ..Default::default()
+    };
+    let mut entries = Vec::new();
+    for gsi in (0..24u32).filter(|&g| g != 2) {
+        entries.push(route(
+            gsi,
+            KVM_IRQCHIP_IOAPIC,
+            if gsi == 0 { 2 } else { gsi },
+        ));
+    }
+    for gsi in (0..16u32).filter(|&g| g != 2) {
+        let chip = if gsi < 8 {
+            KVM_IRQCHIP_PIC_MASTER
+        } else {
+            KVM_IRQCHIP_PIC_SLAVE
+        };
+        entries.push(route(gsi, chip, gsi % 8));
+    }
+    kvm_bindings::KvmIrqRouting::from_entries(&entries).expect("a fixed, small routing table")
+}
+
 /// Sets LINT0 to ExtINT and LINT1 to NMI in a local APIC image, as a PC's BIOS leaves them.
 pub fn set_lint(lapic: &mut kvm_bindings::kvm_lapic_state) {
     let mut set = |offset: usize, mode: u32| {

@@ -207,6 +207,8 @@ impl Vmm {
             };
             vm.create_pit2(pit)
                 .map_err(|e| VmmError::Kvm("create PIT", e))?;
+            vm.set_gsi_routing(&linux::pc_irq_routing())
+                .map_err(|e| VmmError::Kvm("set interrupt routing", e))?;
         }
         // Intel VMX needs a 3-page TSS area in guest-physical space; put it in the MMIO hole.
         // Other hosts either ignore it or do not implement it, which is harmless here.
