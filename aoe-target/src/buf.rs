@@ -35,6 +35,17 @@ impl FrameBuf {
         FrameBuf::with_data_offset(cap, ATA_DATA)
     }
 
+    /// A buffer of no bytes, for operations without memory (sync, poll).
+    pub fn empty() -> FrameBuf {
+        FrameBuf {
+            mem: Vec::new(),
+            start: 0,
+            cap: 0,
+            len: 0,
+            data_offset: 0,
+        }
+    }
+
     /// A buffer of `cap` bytes that is aligned at its start (metadata pages).
     pub fn page(cap: usize) -> FrameBuf {
         FrameBuf::with_data_offset(cap, 0)
@@ -123,6 +134,14 @@ mod tests {
             let p = FrameBuf::page(cap);
             assert_eq!(p.full().as_ptr() as usize % DATA_ALIGN, 0);
         }
+    }
+
+    #[test]
+    fn empty_has_no_bytes() {
+        let mut e = FrameBuf::empty();
+        assert_eq!(e.capacity(), 0);
+        assert!(e.full_mut().is_empty());
+        assert!(e.data(10).is_empty());
     }
 
     #[test]

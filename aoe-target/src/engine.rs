@@ -657,7 +657,7 @@ impl Engine {
                 export: e,
                 target,
                 op: IoOp::Sync,
-                buf: FrameBuf::page(0),
+                buf: FrameBuf::empty(),
             }));
         }
     }
@@ -783,7 +783,7 @@ impl Engine {
             export: e,
             target: IoTarget::Data,
             op: IoOp::Sync,
-            buf: FrameBuf::page(0),
+            buf: FrameBuf::empty(),
         }));
     }
 

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::buf::FrameBuf;
 use crate::config::TargetOptions;
 use crate::engine::{Action, Engine, ExportSpec, IoOp, IoTarget};
 use crate::store::{Backing, StoreError};
@@ -16,11 +17,10 @@ use crate::wire::{
     MIN_FRAME_LEN,
 };
 
-const KIND_SHIFT: u32 = 62;
-const RECV: u64 = 1 << KIND_SHIFT;
-const SEND: u64 = 2 << KIND_SHIFT;
-const IO: u64 = 3 << KIND_SHIFT;
-const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
+/// Token of the socket poll (engine I/O ids are small integers).
+const POLL: u64 = u64::MAX;
+/// Frames taken from the socket per batch before the disk completions get a turn.
+const RECV_BATCH: usize = 256;
 
 /// Errors of the target.
 #[derive(Debug, thiserror::Error)]
@@ -177,55 +177,46 @@ impl Server {
 
     /// Serves until SIGTERM or SIGINT, then drains: stops receiving, lets every request in
     /// flight complete and be answered, syncs the files, writes and returns the final status.
+    ///
+    /// Frames are received with plain non-blocking `recv` calls, drained in batches whenever a
+    /// one-shot io_uring poll reports the socket readable (and after every batch of disk
+    /// completions): many receive requests parked on one socket would all be woken by every
+    /// frame. Replies go out with `send` at once; the disk I/O runs on the ring.
     pub fn run(mut self) -> Result<serde_json::Value, ServerError> {
         let io = |what| move |source| ServerError::Io { what, source };
         sys::install_terminate_handler().map_err(io("signal handler"))?;
-        let nrecv = (self.engine.total_bufcnt() + 16).max(32);
-        let entries = (nrecv * 4).next_power_of_two().clamp(256, 4096);
+        let entries = (self.engine.total_bufcnt() * 4)
+            .next_power_of_two()
+            .clamp(256, 4096);
         let mut ring =
             Uring::new(u32::try_from(entries).unwrap_or(4096)).map_err(io("io_uring"))?;
         let fd = self.sock.as_raw_fd();
-        for _ in 0..nrecv {
-            let b = self.engine.alloc();
-            ring.push(Op::Recv(fd), RECV, b).map_err(io("io_uring"))?;
-        }
         self.announce();
         self.write_status();
         let mut draining = false;
+        let mut poll_armed = false;
         let mut last_status = Instant::now();
         loop {
+            if !draining {
+                self.receive_batch().map_err(io("receive"))?;
+            }
+            self.submit_actions(&mut ring).map_err(io("io_uring"))?;
+            if !poll_armed && !draining {
+                ring.push(Op::Poll(fd), POLL, FrameBuf::empty())
+                    .map_err(io("io_uring"))?;
+                poll_armed = true;
+            }
             for c in ring
                 .wait(Duration::from_millis(200))
                 .map_err(io("io_uring"))?
             {
-                match c.token & !ID_MASK {
-                    RECV => {
-                        let mut buf = c.buf;
-                        match c.result {
-                            Ok(n) => {
-                                buf.set_len(n);
-                                self.engine.on_frame(buf);
-                            }
-                            Err(_) => self.engine.recycle(buf),
-                        }
-                        if !draining {
-                            let b = self.engine.alloc();
-                            ring.push(Op::Recv(fd), RECV, b).map_err(io("io_uring"))?;
-                        }
-                    }
-                    SEND => {
-                        if let Err(e) = c.result {
-                            log::debug!("send failed: {e}");
-                        }
-                        self.engine.recycle(c.buf);
-                    }
-                    _ => {
-                        let id = usize::try_from(c.token & ID_MASK).unwrap_or(usize::MAX);
-                        self.engine.on_io_done(id, c.result, c.buf);
-                    }
+                if c.token == POLL {
+                    poll_armed = false;
+                } else {
+                    let id = usize::try_from(c.token).unwrap_or(usize::MAX);
+                    self.engine.on_io_done(id, c.result, c.buf);
                 }
             }
-            self.submit_actions(&mut ring).map_err(io("io_uring"))?;
             if last_status.elapsed() >= Duration::from_secs(1) {
                 self.write_status();
                 last_status = Instant::now();
@@ -236,9 +227,10 @@ impl Server {
                     self.engine.outstanding()
                 );
                 draining = true;
-                ring.cancel_receives().map_err(io("io_uring"))?;
+                ring.cancel_polls().map_err(io("io_uring"))?;
             }
             if draining && self.engine.outstanding() == 0 && ring.in_flight() == 0 {
+                self.submit_actions(&mut ring).map_err(io("io_uring"))?;
                 break;
             }
         }
@@ -252,11 +244,34 @@ impl Server {
         Ok(self.status())
     }
 
+    /// Hands every queued frame (up to a batch) to the engine.
+    fn receive_batch(&mut self) -> std::io::Result<()> {
+        for _ in 0..RECV_BATCH {
+            let mut buf = self.engine.alloc();
+            match self.sock.try_recv(buf.full_mut())? {
+                Some(n) => {
+                    buf.set_len(n);
+                    self.engine.on_frame(buf);
+                }
+                None => {
+                    self.engine.recycle(buf);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn submit_actions(&mut self, ring: &mut Uring) -> std::io::Result<()> {
-        let sock = self.sock.as_raw_fd();
         while let Some(a) = self.engine.next_action() {
             match a {
-                Action::Send(buf) => ring.push(Op::Send(sock), SEND, buf)?,
+                Action::Send(buf) => {
+                    if let Err(e) = self.sock.send(buf.as_slice()) {
+                        // The initiator retransmits; count it in the log at debug level only.
+                        log::debug!("send failed: {e}");
+                    }
+                    self.engine.recycle(buf);
+                }
                 Action::Io(req) => {
                     let b = &self.backings[req.export];
                     let fd = match (req.target, &b.map_file) {
@@ -277,7 +292,7 @@ impl Server {
                         },
                         IoOp::Sync => Op::Sync(fd),
                     };
-                    ring.push(op, IO | req.id as u64, req.buf)?;
+                    ring.push(op, req.id as u64, req.buf)?;
                 }
             }
         }

@@ -88,7 +88,8 @@ impl Backing {
             }
             None => None,
         };
-        let want_direct = !o.buffered;
+        // Write-back means page-cache semantics: no O_DIRECT.
+        let want_direct = !o.buffered && !o.writeback;
         let mut data = open_data(path, o.read_only, map.is_some(), want_direct)
             .or_else(|e| {
                 // Some file systems refuse O_DIRECT at open time (EINVAL).

@@ -172,6 +172,27 @@ impl PacketSocket {
         }
     }
 
+    /// Receives one frame if one is queued (`Ok(None)` otherwise).
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: buf is a valid writable slice for the duration of the call.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(n.unsigned_abs()))
+    }
+
     /// Receives one frame, waiting at most `timeout` (`Ok(None)` on timeout).
     pub fn recv_timeout(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
@@ -193,23 +214,7 @@ impl PacketSocket {
         if r == 0 {
             return Ok(None);
         }
-        // SAFETY: buf is a valid writable slice for the duration of the call.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(None);
-            }
-            return Err(e);
-        }
-        Ok(Some(n.unsigned_abs()))
+        self.try_recv(buf)
     }
 }
 

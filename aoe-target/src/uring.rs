@@ -16,10 +16,8 @@ const CANCEL: u64 = u64::MAX;
 /// One operation.
 #[derive(Debug, Clone, Copy)]
 pub enum Op {
-    /// Receive a frame into the whole buffer.
-    Recv(RawFd),
-    /// Send the buffer's bytes.
-    Send(RawFd),
+    /// Wait until the descriptor is readable (one-shot POLLIN).
+    Poll(RawFd),
     /// Read `len` bytes at `offset` into the buffer's data area.
     Read {
         /// File.
@@ -90,16 +88,9 @@ impl Uring {
 
     /// Queues `op` on `buf`; `token` comes back in its [`Completion`].
     pub fn push(&mut self, op: Op, token: u64, mut buf: FrameBuf) -> io::Result<()> {
-        let is_recv = matches!(op, Op::Recv(_));
+        let is_poll = matches!(op, Op::Poll(_));
         let sqe = match op {
-            Op::Recv(fd) => {
-                let b = buf.full_mut();
-                opcode::Recv::new(types::Fd(fd), b.as_mut_ptr(), len32(b.len())).build()
-            }
-            Op::Send(fd) => {
-                let b = buf.as_slice();
-                opcode::Send::new(types::Fd(fd), b.as_ptr(), len32(b.len())).build()
-            }
+            Op::Poll(fd) => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build(),
             Op::Read { fd, offset, len } => {
                 let b = buf.data_mut(len);
                 opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), len32(b.len()))
@@ -132,7 +123,7 @@ impl Uring {
         let sqe = sqe.user_data(slot as u64);
         // The buffer moves into its slot; its heap memory (a Vec that is never resized) stays
         // where the pointers above point.
-        self.slots[slot] = Some((token, is_recv, buf));
+        self.slots[slot] = Some((token, is_poll, buf));
         self.push_sqe(&sqe)?;
         self.in_flight += 1;
         Ok(())
@@ -150,17 +141,17 @@ impl Uring {
         }
     }
 
-    /// Asks the kernel to cancel every receive in flight (their completions come back with
+    /// Asks the kernel to cancel every poll in flight (their completions come back with
     /// ECANCELED).
-    pub fn cancel_receives(&mut self) -> io::Result<()> {
-        let recvs: Vec<u64> = self
+    pub fn cancel_polls(&mut self) -> io::Result<()> {
+        let polls: Vec<u64> = self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| matches!(s, Some((_, true, _))))
             .map(|(i, _)| i as u64)
             .collect();
-        for ud in recvs {
+        for ud in polls {
             let sqe = opcode::AsyncCancel::new(ud).build().user_data(CANCEL);
             self.push_sqe(&sqe)?;
         }
@@ -237,7 +228,7 @@ mod tests {
         let c = u.wait(Duration::from_secs(5)).unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!((c[0].token, c[0].result.as_ref().unwrap()), (7, &8192));
-        u.push(Op::Sync(fd), 8, FrameBuf::page(0)).unwrap();
+        u.push(Op::Sync(fd), 8, FrameBuf::empty()).unwrap();
         u.push(
             Op::Read {
                 fd,
@@ -255,6 +246,29 @@ mod tests {
         let read = got.iter().find(|c| c.token == 9).unwrap();
         assert_eq!(*read.result.as_ref().unwrap(), 4096);
         assert!(read.buf.data(4096).iter().all(|b| *b == 0x5a));
+        assert_eq!(u.in_flight(), 0);
+    }
+
+    #[test]
+    fn poll_fires_and_cancels() {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let mut u = Uring::new(8).unwrap();
+        u.push(Op::Poll(a.as_raw_fd()), 1, FrameBuf::empty())
+            .unwrap();
+        assert!(u.wait(Duration::from_millis(50)).unwrap().is_empty());
+        b.send(b"x").unwrap();
+        let c = u.wait(Duration::from_secs(5)).unwrap();
+        assert_eq!(c.len(), 1);
+        assert!(c[0].result.is_ok());
+        u.push(Op::Poll(b.as_raw_fd()), 2, FrameBuf::empty())
+            .unwrap();
+        u.cancel_polls().unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            got = u.wait(Duration::from_secs(5)).unwrap();
+        }
+        assert_eq!(got[0].token, 2);
+        assert!(got[0].result.is_err());
         assert_eq!(u.in_flight(), 0);
     }
 }

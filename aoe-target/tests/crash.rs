@@ -164,7 +164,7 @@ fn out_of_space_fails_writes_cleanly_and_reads_go_on() {
         ],
     );
     let mut s = net.session(6, 0);
-    s.set_op_timeout(Duration::from_secs(2));
+    s.set_op_timeout(Duration::from_secs(20));
     // 4 MiB of writes into a 2 MiB file system.
     let mut ok = 0u64;
     let mut enospc = 0u64;

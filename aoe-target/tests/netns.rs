@@ -239,3 +239,50 @@ fn operator_errors_are_clear() {
     assert_eq!(rc, 1);
     assert!(out.contains("e4.2 is already served on"), "{out}");
 }
+
+#[test]
+fn config_file_serves_several_exports() {
+    if !can_run("config_file_serves_several_exports") {
+        return;
+    }
+    let net = NetPair::new(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.img");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let thin = dir.path().join("thin.img");
+    let conf = dir.path().join("aoe.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "interface = \"{}\"\n\n[[export]]\nshelf = 2\nslot = 0\nfile = \"{}\"\n\n[[export]]\nshelf = 2\nslot = 1\nfile = \"{}\"\nthin = \"1G\"\nconfig = \"owner=test\"\nbufcnt = 8\n",
+            net.tv,
+            raw.display(),
+            thin.display()
+        ),
+    )
+    .unwrap();
+    let t = Target::start(&net.t, dir.path(), &["--config", conf.to_str().unwrap()]);
+    let mut a = net.session(2, 0);
+    let mut b = net.session(2, 1);
+    assert_eq!(a.sectors(), 8192);
+    assert_eq!(b.sectors(), 2 << 20);
+    assert_eq!(b.target().bufcnt, 8);
+    assert_eq!(b.target().config, b"owner=test");
+    a.write(1, &pattern(1, 1024)).unwrap();
+    b.write(1, &pattern(2, 1024)).unwrap();
+    assert_eq!(a.read(1, 2).unwrap(), pattern(1, 1024));
+    assert_eq!(b.read(1, 2).unwrap(), pattern(2, 1024));
+    let st = t.fresh_status();
+    let names: Vec<&str> = st["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["e2.0", "e2.1"]);
+    assert_eq!(st["exports"][1]["advertised_bytes"], 1u64 << 30);
+    assert_eq!(st["exports"][1]["used_bytes"], 65536);
+}

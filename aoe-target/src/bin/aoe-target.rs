@@ -47,7 +47,8 @@ struct Args {
     /// Allocate the whole advertised size on disk up front.
     #[arg(long)]
     thick: bool,
-    /// Acknowledge writes once in the page cache (faster, not crash-safe).
+    /// Serve through the page cache (no O_DIRECT) and acknowledge writes once they are in it
+    /// (faster, not crash-safe; FLUSH CACHE still syncs).
     #[arg(long)]
     writeback: bool,
     /// Buffer count to advertise; requests beyond it in flight are dropped.

@@ -85,7 +85,7 @@ pub struct TargetInfo {
 }
 
 /// Broadcasts a Query Config for `shelf.slot` (0xFFFF/0xFF for all) and collects the answers
-/// that arrive within `wait`.
+/// that arrive within `wait`; for one specific address it returns at the first answer.
 pub fn discover(
     sock: &PacketSocket,
     shelf: u16,
@@ -143,6 +143,9 @@ pub fn discover(
                 },
                 config: c.string.to_vec(),
             });
+            if shelf != BROADCAST_MAJOR && slot != BROADCAST_MINOR {
+                break;
+            }
         }
     }
     Ok(found)
@@ -237,7 +240,7 @@ impl Session {
             })?;
         let mut s = Session {
             window: Window::new(target.bufcnt, 256),
-            rtt: RttEstimator::new(Duration::from_millis(10), Duration::from_millis(100)),
+            rtt: RttEstimator::new(Duration::from_millis(50), Duration::from_millis(200)),
             op_timeout: Duration::from_secs(30),
             next_tag: 0,
             queue: VecDeque::new(),
