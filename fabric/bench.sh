@@ -32,15 +32,20 @@ inB() { ip netns exec $B "$@"; }
 $BIN/fabric keygen > $TMP/key
 echo "# fabric bench: $(date -u +%FT%TZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), $COUNT round trips per figure"
 
-rtt() { # label, command producing JSON with p50_us/p99_us
-    local label=$1; shift
-    local j; j=$("$@")
-    printf '%-34s p50 %7s µs   p99 %8s µs   max %8s µs\n' "$label" \
-        "$(sed 's/.*"p50_us":\([0-9]*\).*/\1/' <<<"$j")" \
-        "$(sed 's/.*"p99_us":\([0-9]*\).*/\1/' <<<"$j")" \
-        "$(sed 's/.*"max_us":\([0-9]*\).*/\1/' <<<"$j")"
+field() { sed "s/.*\"$1\":\([0-9]*\).*/\1/"; }
+median() { sort -n "$1" | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+range() { sort -n "$1" | awk 'NR==1{lo=$1} {hi=$1} END {print lo "-" hi}'; }
+measure() { # name, command printing JSON with p50_us/p99_us; appends to $TMP/name.{p50,p99}
+    local name=$1; shift
+    local j; j=$("$@" | tr -d '\n ')
+    field p50_us <<<"$j" >>"$TMP/$name.p50"
+    field p99_us <<<"$j" >>"$TMP/$name.p99"
 }
-fabric_ping() { inA $BIN/fabric --iface $VA --key-file $TMP/key --json --timeout-ms 10000 ping hostb --count "$COUNT" --window 1 | tr -d '\n '; }
+show() { # label, name
+    printf '%-40s p50 %5s µs [%s]   p99 %7s µs [%s]\n' "$1" "$(median $TMP/$2.p50)" "$(range $TMP/$2.p50)" \
+        "$(median $TMP/$2.p99)" "$(range $TMP/$2.p99)"
+}
+fabric_ping() { inA $BIN/fabric --iface $VA --key-file $TMP/key --json --timeout-ms 10000 ping hostb --count "$COUNT" --window 1; }
 start_servers() {
     inB env RUST_LOG=warn $BIN/fabricd --iface $VB --name hostb --key-file $TMP/key --monitor-interval-secs 0 >$TMP/fabricd.log 2>&1 &
     inB $BIN/fabric-bench udp-echo --addr 198.18.0.2:7001 & inB $BIN/fabric-bench tcp-echo --addr 198.18.0.2:7002 &
@@ -62,20 +67,32 @@ table netdev benchloss {
 NFT
     done
 }
-echo "## round trip, 64-byte payload, one in flight, no loss"
-rtt "fabric (AEAD, reliable, exactly-once)" fabric_ping
+REPS=${REPS:-5}
+echo "## round trip, 64-byte payload, one in flight, no loss: median [range] of $REPS runs, interleaved"
 ip netns exec $B $BIN/fabric-bench raw-echo --iface $VB & RAWECHO=$!
 sleep 0.2
-rtt "raw AF_PACKET ping-pong" inA $BIN/fabric-bench raw-ping --iface $VA --count "$COUNT"
+for rep in $(seq "$REPS"); do
+    measure fabric fabric_ping
+    measure raw inA $BIN/fabric-bench raw-ping --iface $VA --count "$COUNT"
+    measure udp inA $BIN/fabric-bench udp-ping --addr 198.18.0.2:7001 --count "$COUNT"
+    measure tcp inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+done
 kill $RAWECHO 2>/dev/null || true
-rtt "UDP" inA $BIN/fabric-bench udp-ping --addr 198.18.0.2:7001 --count "$COUNT"
-rtt "TCP (TCP_NODELAY)" inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+show "fabric (AEAD, reliable, exactly-once)" fabric
+show "raw AF_PACKET ping-pong" raw
+show "UDP" udp
+show "TCP (TCP_NODELAY)" tcp
+echo "fabric p50 / raw p50 = $(awk -v f="$(median $TMP/fabric.p50)" -v r="$(median $TMP/raw.p50)" 'BEGIN {printf "%.2f", f / r}')"
 
-echo "## loss recovery: 1% random drop on each side's ingress"
+echo "## loss recovery: 1% random drop on each side's ingress (nftables), median [range] of $REPS runs"
 loss 1
-rtt "fabric, 1% loss" fabric_ping
-rtt "TCP, 1% loss (Linux defaults)" inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+for rep in $(seq "$REPS"); do
+    measure fabric_loss fabric_ping
+    measure tcp_loss inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+done
 loss 0
+show "fabric, 1% loss" fabric_loss
+show "TCP, 1% loss (Linux defaults)" tcp_loss
 
 echo "## authenticated frames per second"
 $BIN/fabric-bench crypto --secs 2 | sed 's/^/crypto, one core: /'

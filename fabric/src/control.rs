@@ -48,6 +48,18 @@ pub enum Verb {
         /// VM name.
         name: String,
     },
+    /// Pins a VM's threads to host CPUs.
+    VmPin {
+        /// VM name.
+        name: String,
+        /// Host CPUs.
+        cpus: Vec<u32>,
+    },
+    /// Lets a VM's threads run on every CPU again.
+    VmUnpin {
+        /// VM name.
+        name: String,
+    },
     /// Monitoring series an aggregator holds.
     MetricList,
     /// One monitoring series between two times (an aggregator answers).

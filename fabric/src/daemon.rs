@@ -14,6 +14,13 @@ use crate::monitor::{Agent, Aggregator};
 use crate::node::{Node, NodeError};
 use crate::vm::VmManager;
 
+fn to_json<T: serde::Serialize>(
+    v: Result<T, crate::vm::VmError>,
+) -> Result<serde_json::Value, String> {
+    v.map(|s| serde_json::to_value(s).unwrap_or_default())
+        .map_err(|e| e.to_string())
+}
+
 const NOT_AGGREGATOR: &str = "this host is not a monitoring aggregator";
 
 /// The daemon's state.
@@ -56,10 +63,6 @@ impl Daemon {
     }
 
     fn execute(&mut self, verb: &Verb) -> Result<serde_json::Value, String> {
-        let to_json = |v: Result<_, crate::vm::VmError>| {
-            v.map(|s| serde_json::to_value(s).unwrap_or_default())
-                .map_err(|e| e.to_string())
-        };
         match verb {
             Verb::Info => hostinfo::read_host_info(&self.name)
                 .map(|h| serde_json::to_value(h).unwrap_or_default())
@@ -75,6 +78,8 @@ impl Daemon {
             Verb::VmCreate(spec) => to_json(self.vms.create(spec.clone())),
             Verb::VmDestroy { name } => to_json(self.vms.destroy(name)),
             Verb::VmStatus { name } => to_json(self.vms.status(name)),
+            Verb::VmPin { name, cpus } => to_json(self.vms.pin(name, cpus)),
+            Verb::VmUnpin { name } => to_json(self.vms.unpin(name)),
             Verb::VmList => Ok(serde_json::to_value(self.vms.list()).unwrap_or_default()),
             Verb::MetricList => match self.aggregator.as_ref() {
                 Some(a) => Ok(serde_json::to_value(a.series()).unwrap_or_default()),

@@ -13,11 +13,12 @@
 //! - [`control`]: control verbs and exactly-once execution by request id;
 //! - [`packet`] and [`node`]: AF_PACKET sockets and the event loop;
 //! - [`client`] and [`daemon`]: the controller side and `fabricd`;
-//! - [`hostinfo`], [`vm`]: host information and `vmm` processes;
+//! - [`hostinfo`], [`vm`], [`affinity`]: host information, `vmm` processes, pinning;
 //! - [`monitor`] and [`rrd`]: monitoring agent, aggregator, rrdcached client, Prometheus;
 //! - [`impair`]: the link impairment forwarder used by the tests (loss, delay, reordering,
 //!   duplication) on kernels without `netem`.
 
+pub mod affinity;
 pub mod auth;
 pub mod channel;
 pub mod client;

@@ -37,6 +37,9 @@ pub enum VmError {
     /// The log file could not be created.
     #[error("cannot create {0}")]
     Log(String, #[source] std::io::Error),
+    /// The VM's threads could not be pinned.
+    #[error("cannot pin VM {0}")]
+    Pin(String, #[source] std::io::Error),
 }
 
 /// What to create (the `vm create` verb).
@@ -299,6 +302,55 @@ impl VmManager {
     pub fn list(&mut self) -> Vec<VmStatus> {
         let names: Vec<String> = self.vms.keys().cloned().collect();
         names.iter().filter_map(|n| self.status(n).ok()).collect()
+    }
+
+    /// Pins a VM: its vCPU threads (named `vcpu*`, in name order) round-robin on `cpus`, its
+    /// other threads on all of `cpus`. Returns thread name → CPUs.
+    pub fn pin(&mut self, name: &str, cpus: &[u32]) -> Result<BTreeMap<String, Vec<u32>>, VmError> {
+        if cpus.is_empty() {
+            return Err(VmError::Spec("no CPUs to pin to".into()));
+        }
+        let pid = self.running_pid(name)?;
+        let threads = crate::affinity::threads(pid).map_err(|e| VmError::Pin(name.into(), e))?;
+        let mut done = BTreeMap::new();
+        let mut vcpu = 0;
+        for (tid, comm) in threads {
+            let set = if comm.starts_with("vcpu") {
+                vcpu += 1;
+                vec![cpus[(vcpu - 1) % cpus.len()]]
+            } else {
+                cpus.to_vec()
+            };
+            crate::affinity::set_affinity(tid, &set).map_err(|e| VmError::Pin(name.into(), e))?;
+            done.insert(format!("{comm}/{tid}"), set);
+        }
+        log::info!("VM {name} pinned to CPUs {cpus:?}");
+        Ok(done)
+    }
+
+    /// Unpins a VM: every thread may run on every online CPU.
+    pub fn unpin(&mut self, name: &str) -> Result<BTreeMap<String, Vec<u32>>, VmError> {
+        let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .and_then(|s| crate::hostinfo::parse_cpulist(&s))
+            .ok_or_else(|| VmError::Spec("cannot read the online CPUs".into()))?;
+        let pid = self.running_pid(name)?;
+        let threads = crate::affinity::threads(pid).map_err(|e| VmError::Pin(name.into(), e))?;
+        let mut done = BTreeMap::new();
+        for (tid, comm) in threads {
+            crate::affinity::set_affinity(tid, &online)
+                .map_err(|e| VmError::Pin(name.into(), e))?;
+            done.insert(format!("{comm}/{tid}"), online.clone());
+        }
+        Ok(done)
+    }
+
+    fn running_pid(&mut self, name: &str) -> Result<u32, VmError> {
+        let st = self.status(name)?;
+        if st.state != "running" {
+            return Err(VmError::Spec(format!("VM {name} is not running")));
+        }
+        Ok(st.pid)
     }
 
     /// Number of VMs (running or exited, not yet destroyed).

@@ -425,6 +425,32 @@ fn vm_create_list_destroy_through_the_cli() {
         log.contains("--numa-nodes 2 --vcpus 2 --memory 64M --pin --json"),
         "{log}"
     );
+    let allowed = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let l = s
+            .lines()
+            .find(|l| l.starts_with("Cpus_allowed_list:"))
+            .unwrap();
+        l.split_whitespace().nth(1).unwrap().to_string()
+    };
+    let all = allowed();
+    let v = fabric_json(
+        &a,
+        &ia,
+        &key,
+        &["--json", "vm", "pin", "hostb", "t1", "--cpus", "0"],
+        t,
+    );
+    assert!(
+        v.as_object()
+            .unwrap()
+            .values()
+            .all(|c| c == &serde_json::json!([0])),
+        "{v}"
+    );
+    assert_eq!(allowed(), "0");
+    fabric_json(&a, &ia, &key, &["--json", "vm", "unpin", "hostb", "t1"], t);
+    assert_eq!(allowed(), all);
     let (code, _, err) = fabric(&a, &ia, &key, &["vm", "create", "hostb", "--name", "t1"], t);
     assert_eq!(code, 1);
     assert!(err.contains("VM t1 exists"), "{err}");

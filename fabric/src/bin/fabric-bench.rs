@@ -28,7 +28,7 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Echoes raw frames (EtherType 0x88B5, MACs swapped) until killed.
+    /// Echoes raw frames (EtherType 0x88B7, MACs swapped) until killed.
     RawEcho {
         #[arg(long)]
         iface: String,
@@ -90,6 +90,9 @@ enum Cmd {
 }
 
 const PAYLOAD: usize = 64;
+/// EtherType of the raw ping-pong: not one fabricd listens on, so the two never see each
+/// other's frames while both run.
+const RAW_ETHERTYPE: u16 = 0x88B7;
 
 fn main() {
     if let Err(e) = run(Args::parse()) {
@@ -116,7 +119,7 @@ fn report(kind: &str, lat: &mut [u64], retries: u64) {
 fn run(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::RawEcho { iface } => {
-            let s = PacketSocket::open(&iface, 0x88B5)?;
+            let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
             let mut buf = vec![0u8; 2048];
             loop {
                 packet::wait_readable(&[s.as_raw_fd()], libc::POLLIN, None)?;
@@ -132,11 +135,11 @@ fn run(a: Args) -> Result<()> {
             }
         }
         Cmd::RawPing { iface, count } => {
-            let s = PacketSocket::open(&iface, 0x88B5)?;
+            let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
             let mut f = vec![0u8; 14 + PAYLOAD];
             f[0..6].copy_from_slice(&BROADCAST);
             f[6..12].copy_from_slice(&s.mac());
-            f[12..14].copy_from_slice(&0x88B5u16.to_be_bytes());
+            f[12..14].copy_from_slice(&RAW_ETHERTYPE.to_be_bytes());
             let mut buf = vec![0u8; 2048];
             let (mut lat, mut retries) = (Vec::new(), 0);
             for i in 0..count + 1000 {

@@ -131,6 +131,23 @@ enum VmCmd {
         /// VM name.
         vm: String,
     },
+    /// Pins a VM: its vCPU threads round-robin on CPUS, its other threads on all of CPUS.
+    Pin {
+        /// Host name or MAC.
+        host: String,
+        /// VM name.
+        vm: String,
+        /// Host CPUs, e.g. 0-3,8.
+        #[arg(long)]
+        cpus: String,
+    },
+    /// Lets a VM's threads run on every host CPU again.
+    Unpin {
+        /// Host name or MAC.
+        host: String,
+        /// VM name.
+        vm: String,
+    },
     /// Lists a host's VMs.
     List {
         /// Host name or MAC.
@@ -352,6 +369,17 @@ fn run(a: Args) -> Result<()> {
                 let v = req(&mut c, &host, Verb::VmDestroy { name: vm })?;
                 print(json, &v, vm_table)?;
             }
+            VmCmd::Pin { host, vm, cpus } => {
+                let cpus = fabric::hostinfo::parse_cpulist(&cpus)
+                    .filter(|c| !c.is_empty())
+                    .context("--cpus: expected a CPU list such as 0-3,8")?;
+                let v = req(&mut c, &host, Verb::VmPin { name: vm, cpus })?;
+                print(json, &v, pin_table)?;
+            }
+            VmCmd::Unpin { host, vm } => {
+                let v = req(&mut c, &host, Verb::VmUnpin { name: vm })?;
+                print(json, &v, pin_table)?;
+            }
             VmCmd::List { host } => {
                 let v = req(&mut c, &host, Verb::VmList)?;
                 print(json, &v, vm_table)?;
@@ -407,6 +435,14 @@ fn run(a: Args) -> Result<()> {
         },
     }
     Ok(())
+}
+
+fn pin_table(v: &Value) -> String {
+    let mut out = format!("{:<24} {}\n", "THREAD", "CPUS");
+    for (k, cpus) in v.as_object().into_iter().flatten() {
+        out.push_str(&format!("{k:<24} {cpus}\n"));
+    }
+    out
 }
 
 fn vm_table(v: &Value) -> String {
