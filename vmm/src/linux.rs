@@ -451,6 +451,86 @@ mod tests {
         assert!(e.to_string().contains("is not a bootable bzImage"), "{e}");
     }
 
+    /// A minimal bzImage: a setup header as boot.rst describes it and a payload of zeros.
+    fn fake_bzimage() -> tempfile::NamedTempFile {
+        let mut img = vec![0u8; 5 * 512 + 4096];
+        img[0x1f1] = 4; // setup_sects
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 0x1; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&(HIMEM as u32).to_le_bytes());
+        img[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        img[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes());
+        img[0x258..0x260].copy_from_slice(&(16u64 << 20).to_le_bytes());
+        img[0x260..0x264].copy_from_slice(&(32u32 << 20).to_le_bytes());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), img).unwrap();
+        f
+    }
+
+    #[test]
+    fn boot_data_lands_where_the_protocol_says() {
+        let l = layout(&[(vec![0], &[(0, 128 << 20)])], vec![vec![10]]);
+        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, &[vec![]]).unwrap();
+        let kernel = fake_bzimage();
+        let initrd = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(initrd.path(), vec![7u8; 3 << 20]).unwrap();
+        let spec = LinuxSpec {
+            kernel: kernel.path().into(),
+            initramfs: Some(initrd.path().into()),
+            cmdline: "console=ttyS0 hello".into(),
+        };
+        let boot = LinuxBoot::load(ram.memory(), &l, &spec).unwrap();
+        assert_eq!(boot.regs().rip, HIMEM + 0x200);
+        let zp: ZeroPage = ram.memory().read_obj(GuestAddress(ZERO_PAGE)).unwrap();
+        let p = zp.0;
+        let (image, size, cmd, rsdp) = (
+            p.hdr.ramdisk_image,
+            p.hdr.ramdisk_size,
+            p.hdr.cmd_line_ptr,
+            p.acpi_rsdp_addr,
+        );
+        assert_eq!(size, 3 << 20);
+        assert_eq!(
+            u64::from(image) + u64::from(size),
+            128 << 20,
+            "initramfs at the top of RAM"
+        );
+        assert_eq!((cmd, rsdp, p.e820_entries), (CMDLINE as u32, ACPI_GPA, 3));
+        let mut text = [0u8; 20];
+        ram.memory()
+            .read_slice(&mut text, GuestAddress(CMDLINE))
+            .unwrap();
+        assert_eq!(&text[..19], b"console=ttyS0 hello");
+        assert_eq!(text[19], 0);
+    }
+
+    #[test]
+    fn oversized_cmdline_and_initramfs_are_refused() {
+        let l = layout(&[(vec![0], &[(0, 128 << 20)])], vec![vec![10]]);
+        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, &[vec![]]).unwrap();
+        let kernel = fake_bzimage();
+        let mut spec = LinuxSpec {
+            kernel: kernel.path().into(),
+            initramfs: None,
+            cmdline: "x".repeat(3000),
+        };
+        let e = LinuxBoot::load(ram.memory(), &l, &spec).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the kernel command line is 3000 bytes, over the kernel's limit of 2047"
+        );
+        spec.cmdline = DEFAULT_CMDLINE.into();
+        let big = tempfile::NamedTempFile::new().unwrap();
+        big.as_file().set_len(200 << 20).unwrap();
+        spec.initramfs = Some(big.path().into());
+        let e = LinuxBoot::load(ram.memory(), &l, &spec).unwrap_err();
+        // The kernel decompresses into [16 MiB, 48 MiB): 80 MiB are left below 128 MiB.
+        assert!(e.to_string().contains("(200 MiB) does not fit"), "{e}");
+        assert!(e.to_string().contains("(80 MiB free there)"), "{e}");
+    }
+
     #[test]
     fn lint_modes_are_set() {
         let mut lapic = kvm_bindings::kvm_lapic_state::default();
