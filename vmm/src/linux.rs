@@ -1,15 +1,21 @@
-//! Boots a Linux kernel: bzImage through the 64-bit boot protocol (Documentation/x86/boot.rst),
+//! Boots a Linux kernel: bzImage through the 64-bit boot protocol (Documentation/x86/boot.rst)
+//! or an ELF vmlinux through its PVH entry point,
 //! with an initramfs, a command line, an e820 map of one or two RAM ranges per vnode and the holes
 //! Linux expects, and the ACPI tables of [`crate::acpi`] (RSDP in the BIOS area and in the zero
 //! page). Only the boot vCPU gets registers; the others wait for INIT/SIPI in the in-kernel LAPIC.
 
 use std::fs::File;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use linux_loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader};
 use numa::Layout;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
@@ -69,6 +75,9 @@ pub enum LinuxError {
     /// The kernel is not a bzImage we can boot.
     #[error("{0} is not a bootable bzImage ({1})")]
     Kernel(String, linux_loader::loader::Error),
+    /// An ELF kernel without a PVH entry point.
+    #[error("{0} is an ELF kernel without a PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY); use its bzImage")]
+    NoPvhEntry(String),
     /// The kernel is too old for the 64-bit boot protocol.
     #[error("{0}: boot protocol {1}.{2:02} is older than 2.12, which 64-bit boot needs")]
     OldProtocol(String, u16, u16),
@@ -101,11 +110,22 @@ struct ZeroPage(boot_params);
 // every bit pattern is valid and it has no padding or pointers.
 unsafe impl ByteValued for ZeroPage {}
 
-/// A loaded kernel: where the boot vCPU starts.
+/// A loaded kernel: where and how the boot vCPU starts.
 #[derive(Debug, Clone, Copy)]
 pub struct LinuxBoot {
     entry: u64,
+    protocol: Protocol,
 }
+
+/// GDT: null, 32-bit code (0x08, PVH), 64-bit code (`__BOOT_CS` 0x10), data (`__BOOT_DS` 0x18),
+/// TSS (0x20).
+const GDT_ENTRIES: [u64; 5] = [
+    0,
+    0x00cf_9b00_0000_ffff,
+    0x00af_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x008f_8b00_0000_ffff,
+];
 
 fn read_error(path: &Path) -> impl FnOnce(std::io::Error) -> LinuxError + '_ {
     move |e| LinuxError::Read(path.display().to_string(), e)
@@ -157,8 +177,66 @@ fn page_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError>
     Ok(())
 }
 
+/// Writes the command line at [`CMDLINE`], refusing one the kernel would truncate.
+fn write_cmdline(mem: &GuestMemoryMmap, text: &str, limit: usize) -> Result<(), LinuxError> {
+    if text.len() >= limit {
+        return Err(LinuxError::CmdlineTooLong(text.len(), limit - 1));
+    }
+    let mut cmdline = Cmdline::new(limit).map_err(LinuxError::Cmdline)?;
+    cmdline.insert_str(text).map_err(LinuxError::Cmdline)?;
+    load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(|_| {
+        LinuxError::GuestMemory(vm_memory::GuestMemoryError::InvalidGuestAddress(
+            GuestAddress(CMDLINE),
+        ))
+    })
+}
+
+/// Puts the initramfs as high as possible in one RAM range, below `ceiling` and above `floor`
+/// (everything the kernel uses while it unpacks itself); returns its address and size.
+fn place_initramfs(
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+    path: &Path,
+    floor: u64,
+    ceiling: u64,
+) -> Result<(u64, u64), LinuxError> {
+    let data = std::fs::read(path).map_err(read_error(path))?;
+    let size = data.len() as u64;
+    let ranges = || layout.vnodes.iter().flat_map(|v| &v.ranges);
+    let best = ranges()
+        .filter_map(|r| {
+            let top = r.end.min(ceiling);
+            let start = top.checked_sub(size)? / 4096 * 4096;
+            (start >= r.start.max(floor)).then_some(start)
+        })
+        .max();
+    let Some(at) = best else {
+        let free = ranges()
+            .map(|r| r.end.min(ceiling).saturating_sub(r.start.max(floor)))
+            .max()
+            .unwrap_or(0);
+        return Err(LinuxError::InitramfsTooLarge(
+            size.div_ceil(1 << 20),
+            free >> 20,
+        ));
+    };
+    mem.write_slice(&data, GuestAddress(at))
+        .map_err(LinuxError::GuestMemory)?;
+    Ok((at, size))
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// bzImage: 64-bit mode, zero page in `rsi`.
+    Linux64,
+    /// ELF vmlinux with a PVH note: 32-bit protected mode, paging off, start info in `ebx`.
+    Pvh,
+}
+
 impl LinuxBoot {
-    /// Loads kernel, initramfs and command line and writes the zero page, GDT and page tables.
+    /// Loads kernel, initramfs and command line and writes the boot data, GDT and page tables.
+    /// An ELF file boots through its PVH entry point, anything else as a bzImage.
     pub fn load(
         mem: &GuestMemoryMmap,
         layout: &Layout,
@@ -168,9 +246,32 @@ impl LinuxBoot {
         if low.is_none_or(|r| r.start != 0 || r.end < 64 << 20) {
             return Err(LinuxError::LowMemory);
         }
-        let kpath = spec.kernel.display().to_string();
         let mut kernel = File::open(&spec.kernel).map_err(read_error(&spec.kernel))?;
-        let loaded = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM)))
+        let mut magic = [0u8; 4];
+        let is_elf = kernel.read_exact(&mut magic).is_ok() && &magic == b"\x7fELF";
+        kernel.rewind().map_err(read_error(&spec.kernel))?;
+        let boot = if is_elf {
+            Self::load_pvh(mem, layout, spec, &mut kernel)?
+        } else {
+            Self::load_bzimage(mem, layout, spec, &mut kernel)?
+        };
+        let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(LinuxError::GuestMemory);
+        for (i, d) in GDT_ENTRIES.iter().enumerate() {
+            w(mem.write_obj(*d, GuestAddress(GDT + i as u64 * 8)))?;
+        }
+        w(mem.write_obj(0u64, GuestAddress(IDT)))?;
+        w(page_tables(mem))?;
+        Ok(boot)
+    }
+
+    fn load_bzimage(
+        mem: &GuestMemoryMmap,
+        layout: &Layout,
+        spec: &LinuxSpec,
+        kernel: &mut File,
+    ) -> Result<Self, LinuxError> {
+        let kpath = spec.kernel.display().to_string();
+        let loaded = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM)))
             .map_err(|e| LinuxError::Kernel(kpath.clone(), e))?;
         let mut hdr = loaded.setup_header.ok_or_else(|| {
             LinuxError::Kernel(
@@ -182,65 +283,22 @@ impl LinuxBoot {
         if version < 0x020c {
             return Err(LinuxError::OldProtocol(kpath, version >> 8, version & 0xff));
         }
-
-        // Command line, within the kernel's own limit.
         let limit = match hdr.cmdline_size {
             0 => 2048,
             n => n as usize,
         };
-        if spec.cmdline.len() >= limit {
-            return Err(LinuxError::CmdlineTooLong(spec.cmdline.len(), limit - 1));
-        }
-        let mut cmdline = Cmdline::new(limit).map_err(LinuxError::Cmdline)?;
-        cmdline
-            .insert_str(&spec.cmdline)
-            .map_err(LinuxError::Cmdline)?;
-        load_cmdline(mem, GuestAddress(CMDLINE), &cmdline).map_err(|_| {
-            LinuxError::GuestMemory(vm_memory::GuestMemoryError::InvalidGuestAddress(
-                GuestAddress(CMDLINE),
-            ))
-        })?;
-
-        // Initramfs: as high as possible below 4 GiB (and the kernel's limit), above everything
-        // the kernel will use while it decompresses itself.
+        write_cmdline(mem, &spec.cmdline, limit)?;
         if let Some(path) = &spec.initramfs {
-            let data = std::fs::read(path).map_err(read_error(path))?;
-            let size = data.len() as u64;
             let floor = loaded
                 .kernel_end
                 .max(hdr.pref_address + u64::from(hdr.init_size));
             let ceiling = u64::from(hdr.initrd_addr_max)
                 .saturating_add(1)
                 .min(4 * GIB);
-            let best = layout
-                .vnodes
-                .iter()
-                .flat_map(|v| &v.ranges)
-                .filter_map(|r| {
-                    let top = r.end.min(ceiling);
-                    let start = top.checked_sub(size)? / 4096 * 4096;
-                    (start >= r.start.max(floor)).then_some(start)
-                })
-                .max();
-            let Some(at) = best else {
-                let free = layout
-                    .vnodes
-                    .iter()
-                    .flat_map(|v| &v.ranges)
-                    .map(|r| r.end.min(ceiling).saturating_sub(r.start.max(floor)))
-                    .max()
-                    .unwrap_or(0);
-                return Err(LinuxError::InitramfsTooLarge(
-                    size.div_ceil(1 << 20),
-                    free >> 20,
-                ));
-            };
-            mem.write_slice(&data, GuestAddress(at))
-                .map_err(LinuxError::GuestMemory)?;
+            let (at, size) = place_initramfs(mem, layout, path, floor, ceiling)?;
             hdr.ramdisk_image = at as u32;
             hdr.ramdisk_size = size as u32;
         }
-
         hdr.type_of_loader = 0xff;
         hdr.boot_flag = 0xaa55;
         hdr.header = 0x5372_6448; // "HdrS"
@@ -256,41 +314,92 @@ impl LinuxBoot {
         let map = e820(layout)?;
         params.e820_entries = map.len() as u8;
         params.e820_table[..map.len()].copy_from_slice(&map);
-        let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(LinuxError::GuestMemory);
-        w(mem.write_obj(ZeroPage(params), GuestAddress(ZERO_PAGE)))?;
-        // GDT: null, null, 64-bit code (__BOOT_CS 0x10), data (__BOOT_DS 0x18), TSS (0x20).
-        let gdt: [u64; 5] = [
-            0,
-            0,
-            0x00af_9b00_0000_ffff,
-            0x00cf_9300_0000_ffff,
-            0x008f_8b00_0000_ffff,
-        ];
-        for (i, d) in gdt.iter().enumerate() {
-            w(mem.write_obj(*d, GuestAddress(GDT + i as u64 * 8)))?;
-        }
-        w(mem.write_obj(0u64, GuestAddress(IDT)))?;
-        w(page_tables(mem))?;
+        mem.write_obj(ZeroPage(params), GuestAddress(ZERO_PAGE))
+            .map_err(LinuxError::GuestMemory)?;
         // The 64-bit entry point is 0x200 past the start of the protected-mode kernel.
         Ok(Self {
             entry: loaded.kernel_load.0 + 0x200,
+            protocol: Protocol::Linux64,
         })
     }
 
-    /// The boot vCPU's general registers: entry, boot stack, zero page in `rsi`.
+    /// PVH (xen/include/public/arch-x86/hvm/start_info.h): start info, memory map and the
+    /// initramfs as module 0, where the zero page would be.
+    fn load_pvh(
+        mem: &GuestMemoryMmap,
+        layout: &Layout,
+        spec: &LinuxSpec,
+        kernel: &mut File,
+    ) -> Result<Self, LinuxError> {
+        let kpath = spec.kernel.display().to_string();
+        let loaded = Elf::load(mem, None, kernel, Some(GuestAddress(HIMEM)))
+            .map_err(|e| LinuxError::Kernel(kpath.clone(), e))?;
+        let PvhBootCapability::PvhEntryPresent(entry) = loaded.pvh_boot_cap else {
+            return Err(LinuxError::NoPvhEntry(kpath));
+        };
+        // Linux's COMMAND_LINE_SIZE on x86.
+        write_cmdline(mem, &spec.cmdline, 2048)?;
+        let mut info = hvm_start_info {
+            magic: XEN_HVM_START_MAGIC_VALUE,
+            version: 1,
+            cmdline_paddr: CMDLINE,
+            rsdp_paddr: ACPI_GPA,
+            ..Default::default()
+        };
+        let modlist = ZERO_PAGE + 0x80;
+        let memmap = ZERO_PAGE + 0x100;
+        let w = |r: Result<(), vm_memory::GuestMemoryError>| r.map_err(LinuxError::GuestMemory);
+        if let Some(path) = &spec.initramfs {
+            let (at, size) = place_initramfs(mem, layout, path, loaded.kernel_end, 4 * GIB)?;
+            let module = hvm_modlist_entry {
+                paddr: at,
+                size,
+                ..Default::default()
+            };
+            w(mem.write_obj(module, GuestAddress(modlist)))?;
+            info.nr_modules = 1;
+            info.modlist_paddr = modlist;
+        }
+        let map = e820(layout)?;
+        for (i, e) in map.iter().enumerate() {
+            let entry = hvm_memmap_table_entry {
+                addr: e.addr,
+                size: e.size,
+                type_: e.r#type,
+                reserved: 0,
+            };
+            w(mem.write_obj(entry, GuestAddress(memmap + i as u64 * 24)))?;
+        }
+        info.memmap_paddr = memmap;
+        info.memmap_entries = map.len() as u32;
+        w(mem.write_obj(info, GuestAddress(ZERO_PAGE)))?;
+        Ok(Self {
+            entry: entry.0,
+            protocol: Protocol::Pvh,
+        })
+    }
+
+    /// The boot vCPU's general registers: entry, boot stack, and the zero page in `rsi`
+    /// (64-bit protocol) or the start info in `rbx` (PVH).
     pub fn regs(&self) -> kvm_regs {
+        let (rsi, rbx) = match self.protocol {
+            Protocol::Linux64 => (ZERO_PAGE, 0),
+            Protocol::Pvh => (0, ZERO_PAGE),
+        };
         kvm_regs {
             rip: self.entry,
             rsp: BOOT_STACK,
             rbp: BOOT_STACK,
-            rsi: ZERO_PAGE,
+            rsi,
+            rbx,
             rflags: 0x2,
             ..Default::default()
         }
     }
 
-    /// The boot vCPU's segments and control registers: 64-bit mode, paging on, CPL 0.
-    pub fn sregs(mut s: kvm_sregs) -> kvm_sregs {
+    /// The boot vCPU's segments and control registers: 64-bit mode with paging (64-bit
+    /// protocol) or flat 32-bit protected mode without paging (PVH); CPL 0 either way.
+    pub fn sregs(&self, mut s: kvm_sregs) -> kvm_sregs {
         let seg = |selector: u16, type_: u8, l: u8, db: u8, s_: u8| kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
@@ -304,18 +413,29 @@ impl LinuxBoot {
             g: 1,
             ..Default::default()
         };
-        s.cs = seg(0x10, 0xb, 1, 0, 1);
         let data = seg(0x18, 0x3, 0, 1, 1);
         (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
         s.tr = seg(0x20, 0xb, 0, 0, 0);
         s.gdt.base = GDT;
-        s.gdt.limit = 5 * 8 - 1;
+        s.gdt.limit = (GDT_ENTRIES.len() * 8 - 1) as u16;
         s.idt.base = IDT;
         s.idt.limit = 7;
-        s.cr0 = 0x8000_0011; // PG | ET | PE
-        s.cr3 = PML4;
-        s.cr4 = 0x20; // PAE
-        s.efer = 0x500; // LMA | LME
+        match self.protocol {
+            Protocol::Linux64 => {
+                s.cs = seg(0x10, 0xb, 1, 0, 1);
+                s.cr0 = 0x8000_0011; // PG | ET | PE
+                s.cr3 = PML4;
+                s.cr4 = 0x20; // PAE
+                s.efer = 0x500; // LMA | LME
+            }
+            Protocol::Pvh => {
+                s.cs = seg(0x08, 0xb, 0, 1, 1);
+                s.cr0 = 0x11; // ET | PE
+                s.cr3 = 0;
+                s.cr4 = 0;
+                s.efer = 0;
+            }
+        }
         s
     }
 

@@ -300,7 +300,7 @@ impl Vmm {
                     // Only the boot vCPU starts; the others wait for INIT/SIPI from it.
                     if i == 0 {
                         let sregs = fd.get_sregs().map_err(|e| VmmError::Kvm("get sregs", e))?;
-                        fd.set_sregs(&LinuxBoot::sregs(sregs))
+                        fd.set_sregs(&boot.sregs(sregs))
                             .map_err(|e| VmmError::Kvm("set sregs", e))?;
                         fd.set_regs(&boot.regs())
                             .map_err(|e| VmmError::Kvm("set regs", e))?;
