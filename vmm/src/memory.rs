@@ -133,11 +133,10 @@ fn map(vnode: u32, len: usize, backing: Backing) -> Result<Mapping, MemoryError>
     };
     if backing == Backing::Hugetlb {
         let len = len.div_ceil(MIB2) * MIB2;
-        let flags = libc::MAP_PRIVATE
-            | libc::MAP_ANONYMOUS
-            | libc::MAP_NORESERVE
-            | libc::MAP_HUGETLB
-            | libc::MAP_HUGE_2MB;
+        // No MAP_NORESERVE: the pool must hold every page now, so a short pool fails here with
+        // a clear message rather than at the first touch.
+        let flags =
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
         // SAFETY: a fresh anonymous mapping; no existing memory is affected.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
         if ptr == libc::MAP_FAILED {

@@ -280,3 +280,49 @@ fn sigterm_ends_the_vm_cleanly() {
     assert_eq!(j["stopped_by"], "SIGTERM");
     assert!(stopped < Duration::from_secs(5), "took {stopped:?} to stop");
 }
+
+#[test]
+fn hugetlbfs_backing_runs_and_a_short_pool_is_a_clear_error() {
+    if !kvm_or_skip("hugetlbfs_backing_runs_and_a_short_pool_is_a_clear_error") {
+        return;
+    }
+    let pool = "/proc/sys/vm/nr_hugepages";
+    let Ok(before) = std::fs::read_to_string(pool) else {
+        eprintln!("SKIP: no {pool}");
+        return;
+    };
+    // 96 MiB of guest RAM in 2 MiB pages, plus slack; restored afterwards.
+    if std::fs::write(pool, "64").is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIP: cannot reserve huge pages (not root)");
+        return;
+    }
+    let (code, j, stderr) = crate::common::run_json(
+        &[
+            "--numa-nodes",
+            "2",
+            "--vcpus",
+            "2",
+            "--memory",
+            "96M",
+            "--hugepages",
+        ],
+        LIMIT,
+    );
+    std::fs::write(pool, "0").unwrap();
+    let short = vmm()
+        .args(["--numa-nodes", "1", "--memory", "64M", "--hugepages"])
+        .output()
+        .unwrap();
+    std::fs::write(pool, before.trim()).unwrap();
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(j["memory"]["backing"], "hugetlb");
+    assert_eq!(j["memory"]["all_local"], true);
+    assert_eq!(j["stream"]["validated"], true);
+    let err = String::from_utf8_lossy(&short.stderr);
+    assert_eq!(short.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("reserve 2 MiB pages in /proc/sys/vm/nr_hugepages"),
+        "{err}"
+    );
+}
