@@ -565,32 +565,31 @@ fn stream_table(
         }
         let _ = writeln!(o);
     }
+    let rates = |k: &Kernels<KernelFigures>| {
+        let k = k.to_array();
+        format!(
+            "Copy {:.1}  Scale {:.1}  Add {:.1}  Triad {:.1} MB/s",
+            k[0].mb_s, k[1].mb_s, k[2].mb_s, k[3].mb_s
+        )
+    };
     for g in &s.per_node {
-        let k = g.kernels.to_array();
+        let plural = if g.vcpus == 1 { "" } else { "s" };
         let _ = writeln!(
             o,
-            "  vnode {} ({} vCPU{}): Copy {:.1}  Scale {:.1}  Add {:.1}  Triad {:.1} MB/s",
+            "  vnode {} ({} vCPU{plural}): {}",
             g.node,
             g.vcpus,
-            if g.vcpus == 1 { "" } else { "s" },
-            k[0].mb_s,
-            k[1].mb_s,
-            k[2].mb_s,
-            k[3].mb_s
+            rates(&g.kernels)
         );
     }
     for t in &s.per_vcpu {
-        let k = t.kernels.to_array();
+        let mib = (t.elements * 8) >> 20;
         let _ = writeln!(
             o,
-            "  vCPU {} (vnode {}, {} MiB arrays): Copy {:.1}  Scale {:.1}  Add {:.1}  Triad {:.1} MB/s",
+            "  vCPU {} (vnode {}, {mib} MiB arrays): {}",
             t.vcpu,
             t.node,
-            (t.elements * 8) >> 20,
-            k[0].mb_s,
-            k[1].mb_s,
-            k[2].mb_s,
-            k[3].mb_s
+            rates(&t.kernels)
         );
     }
 }

@@ -22,13 +22,7 @@ struct Observed {
 
 /// Runs vmm with `args` + `--json`, watching /proc while it runs.
 fn run_watched(args: &[&str], vcpus: usize) -> (Option<i32>, Value, String, Observed) {
-    let child = vmm()
-        .args(args)
-        .arg("--json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vmm starts");
+    let child = crate::common::spawn_json(args);
     let pid = child.id();
     let mut seen = Observed {
         vcpu_affinity: Vec::new(),

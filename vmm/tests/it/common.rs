@@ -29,16 +29,20 @@ pub fn kvm_or_skip(test: &str) -> bool {
     ok
 }
 
-/// Runs vmm with `args` and `--json`, bounded by `limit`; returns status, parsed stdout, stderr.
-pub fn run_json(args: &[&str], limit: Duration) -> (Option<i32>, Value, String) {
-    let child = vmm()
+/// Starts vmm with `args` and `--json`, both outputs piped.
+pub fn spawn_json(args: &[&str]) -> Child {
+    vmm()
         .args(args)
         .arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("vmm starts");
-    let out = wait_bounded(child, limit);
+        .expect("vmm starts")
+}
+
+/// Runs vmm with `args` and `--json`, bounded by `limit`; returns status, parsed stdout, stderr.
+pub fn run_json(args: &[&str], limit: Duration) -> (Option<i32>, Value, String) {
+    let out = wait_bounded(spawn_json(args), limit);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let json = serde_json::from_str(&stdout)
