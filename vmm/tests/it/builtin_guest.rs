@@ -33,7 +33,8 @@ fn run_watched(args: &[&str], vcpus: usize) -> (Option<i32>, Value, String, Obse
     // them exist and every one has narrowed its mask (or the run ended).
     while start.elapsed() < LIMIT {
         let now = thread_affinities(pid, "vcpu");
-        if now.len() == vcpus {
+        // Each pinned vCPU thread narrows its mask to one CPU right after it starts.
+        if now.len() == vcpus && now.iter().all(|(_, cpus)| cpus.len() == 1) {
             seen.vcpu_affinity = now;
             seen.bound_maps = std::fs::read_to_string(format!("/proc/{pid}/numa_maps"))
                 .unwrap_or_default()
