@@ -188,17 +188,17 @@ fn defaults_over_every_fixture() {
 
 #[test]
 fn default_memory_follows_the_llc() {
-    // This host: 32 MiB L3, so 3 arrays x 4 x 32 MiB + 16 MiB.
+    // This host: 32 MiB L3, so 3 arrays x 4 x 32 MiB + 18 MiB.
     let layout = plan_layout(&fixture("one-node-2cpu"), &nodes(1)).unwrap();
-    assert_eq!(layout.memory_bytes(), 400 * MIB);
-    // 30 MiB L3 on 2 vnodes: 376 MiB, 188 MiB each.
+    assert_eq!(layout.memory_bytes(), 402 * MIB);
+    // 30 MiB L3 on 2 vnodes: 378 MiB, 189 MiB each, rounded up to 190 MiB (2 MiB units).
     let layout = plan_layout(&fixture("two-socket-smt"), &nodes(2)).unwrap();
-    assert_eq!(layout.vnodes[0].memory_bytes, 188 * MIB);
+    assert_eq!(layout.vnodes[0].memory_bytes, 190 * MIB);
     assert_eq!(
         layout.vnodes[1].ranges,
         [GuestRange {
-            start: 188 * MIB,
-            end: 376 * MIB
+            start: 190 * MIB,
+            end: 380 * MIB
         }]
     );
 }
