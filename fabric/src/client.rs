@@ -246,7 +246,8 @@ impl Client {
                     }
                 }
             }
-            self.responses.retain(|_, _| false);
+            // Late responses to requests that timed out are dropped.
+            self.responses.clear();
         }
         lat.sort_unstable();
         Ok(PingReport {

@@ -150,7 +150,7 @@ impl Daemon {
             if let Some(a) = self.agent.as_mut() {
                 let vms = self.vms.list();
                 a.tick(&mut self.node, &vms);
-                deadline = deadline.min(a.next_due(&self.node));
+                deadline = deadline.min(a.next_due());
             }
             if let Some(a) = self.aggregator.as_mut() {
                 a.tick();

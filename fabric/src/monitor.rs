@@ -616,7 +616,7 @@ impl Agent {
     }
 
     /// When the next report is due (node clock, µs).
-    pub fn next_due(&self, _node: &Node) -> u64 {
+    pub fn next_due(&self) -> u64 {
         self.next_due
     }
 
