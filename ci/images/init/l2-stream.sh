@@ -4,7 +4,9 @@
 # read starts with "L2-" (searched within the line: firmware may print escapes before it).
 #
 # Kernel parameters with '=' that the kernel does not know reach /init as environment variables:
-# stream_passes=N and stream_size=SIZE are handed to guest-stream (--passes, --array-size).
+# stream_passes=N and stream_size=SIZE are handed to guest-stream (--passes, --array-size);
+# hold=SECS keeps the guest up that long after STREAM (so the host can look at the VMM's threads
+# and memory while it still runs).
 export PATH=/bin:/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -24,5 +26,9 @@ dmesg | sed -n 's/.* node  *\([0-9][0-9]*\): \[mem \(0x[0-9a-f]*\)-\(0x[0-9a-f]*
 echo "L2-STREAM-BEGIN"
 guest-stream ${stream_passes:+--passes "$stream_passes"} ${stream_size:+--array-size "$stream_size"}
 echo "L2-STREAM-END rc=$?"
+if [ -n "${hold:-}" ]; then
+    echo "L2-HOLD $hold"
+    sleep "$hold"
+fi
 echo "L2-POWEROFF"
 poweroff -f
