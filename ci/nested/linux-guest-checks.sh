@@ -10,8 +10,9 @@
 #   CHECK-END <name> rc=<exit status>
 #
 # Environment: VMM, L2_KERNEL, L2_STREAM, L2_PANIC (ci/images/linux-guest.sh), QEMU (optional:
-# the same guest under QEMU as the L2 VMM), CMDLINE (the guest kernel command line),
-# RUN_2NODE and RUN_4NODE (vmm layout arguments, split on spaces), LIMIT (seconds per run).
+# the same guest under QEMU as the L2 VMM; its shape is QEMU_LAYOUT in linux_guest.rs),
+# CMDLINE (the guest kernel command line), RUN_2NODE and RUN_4NODE (vmm layout arguments,
+# split on spaces), LIMIT (seconds per run).
 : "${VMM:?} ${L2_KERNEL:?} ${L2_STREAM:?} ${L2_PANIC:?} ${CMDLINE:?} ${RUN_2NODE:?} ${RUN_4NODE:?}"
 LIMIT=${LIMIT:-240}
 SCRATCH=$(mktemp -d)
@@ -79,6 +80,7 @@ if [ -n "${QEMU:-}" ]; then
     run qemu-l2 - "$QEMU" -accel kvm -cpu host -M q35 -m 512 -smp 2 \
         -object memory-backend-ram,id=m0,size=256M -object memory-backend-ram,id=m1,size=256M \
         -numa node,nodeid=0,cpus=0,memdev=m0 -numa node,nodeid=1,cpus=1,memdev=m1 \
+        -numa dist,src=0,dst=1,val=20 -numa dist,src=1,dst=0,val=20 \
         -kernel "$L2_KERNEL" -initrd "$L2_STREAM" -append "$CMDLINE" \
         -nodefaults -display none -serial stdio -monitor none -no-reboot
 fi
