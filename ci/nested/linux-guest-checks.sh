@@ -20,20 +20,24 @@ SCRATCH=$(mktemp -d)
 # Seconds since boot, as a decimal (busybox has no date +%N).
 now() { cut -d' ' -f1 /proc/uptime; }
 
-# watch NAME PID MARK: until PID exits, once MARK shows in its console, print its vcpu threads'
-# allowed CPUs and its memory mappings bound to a node (the placement seen from the host).
+# watch NAME PID MARK: until PID exits, once MARK shows in its console and its vcpu threads
+# exist, print their allowed CPUs and its memory mappings bound to a node (the placement seen
+# from the host).
 watch() {
     sampled=0
-    while kill -0 "$2" 2>/dev/null; do
-        if [ "$sampled" = 0 ] && grep -q "$3" "$SCRATCH/$1.out" 2>/dev/null; then
+    while [ "$sampled" = 0 ] && kill -0 "$2" 2>/dev/null; do
+        if grep -q "$3" "$SCRATCH/$1.out" 2>/dev/null; then
             for t in /proc/"$2"/task/*; do
                 comm=$(cat "$t/comm" 2>/dev/null)
                 case "$comm" in
                 vcpu*) echo "PROC-VCPU $comm $(awk '/^Cpus_allowed_list:/ {print $2}' "$t/status")" ;;
                 esac
-            done
-            grep ' bind:' "/proc/$2/numa_maps" | sed 's/^/PROC-NUMA-MAPS /'
-            sampled=1
+            done >"$SCRATCH/vcpus"
+            if [ -s "$SCRATCH/vcpus" ]; then
+                cat "$SCRATCH/vcpus"
+                grep ' bind:' "/proc/$2/numa_maps" | sed 's/^/PROC-NUMA-MAPS /'
+                sampled=1
+            fi
         fi
         sleep 0.1
     done
@@ -45,7 +49,7 @@ run() {
     name=$1 mark=$2
     shift 2
     echo "CHECK-BEGIN $name"
-    echo "COMMAND $*"
+    echo "COMMAND $*" | cut -c1-400
     t0=$(now)
     "$@" >"$SCRATCH/$name.out" 2>"$SCRATCH/$name.err" &
     pid=$!
