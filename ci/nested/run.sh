@@ -7,7 +7,9 @@
 #
 # L1 is a q35 machine with two NUMA nodes, one CPU each (`-cpu qemu64,+svm,+npt`, `-accel tcg`),
 # and MIB of memory split evenly (default 2048), booted from ci/images/l1-host.sh. L1's console
-# goes to stdout (carriage returns removed). Bounded by `timeout` (default 600 s).
+# goes to stdout (carriage returns removed); L1's kernel prints only critical messages there
+# (loglevel=3, so its messages do not cut into the script's lines), and /init lists its errors
+# after the script (L1-DMESG). Bounded by `timeout` (default 600 s).
 #
 # Exit status: the script's; 124 when the time ran out; 125 when L1 never reported a status
 # (it did not boot, or the script killed it); 2 for bad usage.
@@ -44,7 +46,7 @@ timeout --kill-after=10 "$limit" qemu-system-x86_64 \
     -object "memory-backend-ram,id=m1,size=$((memory - half))M" \
     -numa node,nodeid=0,cpus=0,memdev=m0 -numa node,nodeid=1,cpus=1,memdev=m1 \
     -kernel "$work/vmlinuz" -initrd "$work/initramfs.cpio" \
-    -append "console=ttyS0 quiet panic=-1" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1" \
     -nodefaults -display none -serial stdio -monitor none -no-reboot -net none \
     </dev/null | tr -d '\r' | tee "$console"
 status=("${PIPESTATUS[@]}")

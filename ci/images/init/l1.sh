@@ -20,5 +20,8 @@ export VMM=/usr/bin/vmm L2_KERNEL=/l2/vmlinuz L2_STREAM=/l2/stream.cpio L2_PANIC
 [ -x /usr/bin/qemu-system-x86_64 ] && export QEMU=/usr/bin/qemu-system-x86_64
 echo "L1-TEST-BEGIN"
 sh /test.sh
-echo "L1-TEST-EXIT $? uptime=$(cut -d' ' -f1 /proc/uptime)"
+rc=$?
+# The kernel's errors during the run (the console shows only critical ones), for diagnosis.
+dmesg -r | grep '^<[0-3]>' | tail -n 40 | sed 's/^/L1-DMESG /'
+echo "L1-TEST-EXIT $rc uptime=$(cut -d' ' -f1 /proc/uptime)"
 poweroff -f
