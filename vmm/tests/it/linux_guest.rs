@@ -164,19 +164,25 @@ fn pick_route() -> (Route, String) {
     }
 }
 
-/// Kills the child's whole process group when dropped (QEMU, vmm and the scripts' children).
+/// Kills the child's whole process group when dropped (QEMU, vmm and the scripts' children),
+/// whether or not the child itself has ended.
 struct GroupGuard(Option<Child>);
+
+impl GroupGuard {
+    fn kill_group(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .stderr(Stdio::null())
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            if child.try_wait().ok().flatten().is_none() {
-                let _ = Command::new("kill")
-                    .args(["-KILL", "--", &format!("-{}", child.id())])
-                    .status();
-                let _ = child.wait();
-            }
-        }
+        self.kill_group();
     }
 }
 
@@ -191,6 +197,7 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(Option<i32>, String
         .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
     let mut guard = GroupGuard(Some(child));
     let child = guard.0.as_mut().expect("just set");
+    let pid = child.id();
     // Read both pipes on threads, so neither fills up while we wait.
     let mut out_pipe = child.stdout.take().expect("piped");
     let mut err_pipe = child.stderr.take().expect("piped");
@@ -211,10 +218,14 @@ fn run_bounded(mut cmd: Command, limit: Duration) -> Result<(Option<i32>, String
         }
         if Instant::now() > end {
             drop(guard);
-            return Err(format!("{cmd:?} did not finish within {limit:?}"));
+            return Err(format!(
+                "{cmd:?} (pid {pid}) did not finish within {limit:?}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
+    // Anything the child left behind would hold the pipes open.
+    guard.kill_group();
     let (out, err) = (
         out.join().unwrap_or_default(),
         err.join().unwrap_or_default(),
