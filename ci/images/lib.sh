@@ -1,10 +1,13 @@
+# shellcheck shell=bash
 # Shared by ci/images/linux-guest.sh and ci/images/l1-host.sh (sourced, not run).
 #
 # Needs $root_dir (the repository) and $cache (the image cache, ci/cache/images by default).
+# shellcheck disable=SC2154 # root_dir and cache are the sourcing script's
 
 # The one place the guest kernel flavour is chosen: Debian's cloud kernel boots about twice as
 # fast as the generic one under TCG and has kvm_amd as a module without extra dependencies
 # (shared/reference/nested-kvm-route.md §2).
+# shellcheck disable=SC2034 # used by the sourcing scripts
 KERNEL_FLAVOUR=cloud-amd64
 # Static Rust binaries for the images: glibc linked in (libc6-dev has libc.a), so they run in a
 # busybox initramfs with no other libraries.
