@@ -59,6 +59,7 @@ args=()
 for f in "${files[@]}"; do args+=(--file "$f"); done
 base=$("$here/build-initramfs.sh" --flavour "$KERNEL_FLAVOUR" --modules kvm-amd \
     --init "$here/init/l1.sh" --cache "$cache" "${args[@]}")
+use_image "$base"
 
 mkdir -p "$out"
 ln -f "$base/vmlinuz" "$out/vmlinuz" 2>/dev/null || cp "$base/vmlinuz" "$out/vmlinuz"

@@ -49,3 +49,15 @@ with_libs() {
         done
     done | sort -u
 }
+
+# use_image DIR: marks a cached image directory as just used (its mtime) and removes all but the
+# IMAGES_KEPT most recently used images, so the cache does not grow with every rebuild (each
+# L1 image is about 80 MB).
+IMAGES_KEPT=8
+use_image() {
+    touch "$1"
+    # shellcheck disable=SC2012 # our own directory names: no odd characters
+    ls -1dt "$cache"/linux-image-*/ 2>/dev/null | grep -v "\.tmp/$" | tail -n +$((IMAGES_KEPT + 1)) | while read -r old; do
+        rm -rf "$old"
+    done
+}

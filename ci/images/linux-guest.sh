@@ -43,4 +43,6 @@ if [ "$variant" = stream ]; then
 fi
 args=()
 for f in "${files[@]}"; do args+=(--file "$f"); done
-exec "$here/build-initramfs.sh" --flavour "$KERNEL_FLAVOUR" --init "$init" --cache "$cache" "${args[@]}"
+image=$("$here/build-initramfs.sh" --flavour "$KERNEL_FLAVOUR" --init "$init" --cache "$cache" "${args[@]}")
+use_image "$image"
+echo "$image"
