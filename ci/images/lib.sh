@@ -56,7 +56,7 @@ with_libs() {
 IMAGES_KEPT=8
 use_image() {
     touch "$1"
-    # shellcheck disable=SC2012 # our own directory names: no odd characters
+    # shellcheck disable=SC2010,SC2012 # our own directory names: no odd characters
     ls -1dt "$cache"/linux-image-*/ 2>/dev/null | grep -v "\.tmp/$" | tail -n +$((IMAGES_KEPT + 1)) | while read -r old; do
         rm -rf "$old"
     done
