@@ -50,8 +50,10 @@ mapfile -t -O "${#files[@]}" files < <(with_libs "$(command -v numactl)")
 if [ "$qemu" = 1 ]; then
     q=$(command -v qemu-system-x86_64) || { echo "l1-host: qemu-system-x86_64 missing (see ci/packages)" >&2; exit 1; }
     mapfile -t -O "${#files[@]}" files < <(with_libs "$q")
-    # Debian's QEMU searches /usr/share/qemu:/usr/share/seabios; -nodefaults needs no option ROMs.
-    for fw in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/kvmvapic.bin; do
+    # Debian's QEMU searches /usr/share/qemu:/usr/share/seabios; -nodefaults needs no option ROMs;
+    # -M microvm boots with qboot (bios-microvm.bin).
+    for fw in /usr/share/seabios/bios-256k.bin /usr/share/qemu/linuxboot_dma.bin /usr/share/qemu/kvmvapic.bin \
+        /usr/share/qemu/bios-microvm.bin; do
         files+=("$fw:$fw")
     done
 fi
