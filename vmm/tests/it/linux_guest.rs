@@ -26,9 +26,11 @@ use numa::{plan_layout, plan_pinning, HostCpu, HostNode, HostTopology, Layout, P
 use crate::common::have;
 
 /// The guest kernel command line: serial console, reboot at once on a panic (so the VMM sees the
-/// guest go), small STREAM arrays (figures under TCG are not performance), and a 1 s hold after
-/// STREAM so the host can read the VMM's threads and memory while the guest still runs.
-const CMDLINE: &str = "console=ttyS0 quiet panic=-1 stream_passes=3 stream_size=1M hold=1";
+/// guest go), the kernel image at its fixed address (with KASLR its ~33 MiB land in a random
+/// node, and a small vnode's MemTotal would then depend on luck), small STREAM arrays (figures
+/// under TCG are not performance), and a 1 s hold after STREAM so the host can read the VMM's
+/// threads and memory while the guest still runs.
+const CMDLINE: &str = "console=ttyS0 quiet panic=-1 nokaslr stream_passes=3 stream_size=1M hold=1";
 /// The two-vnode run: the issue's `--numa-nodes 2 --pin`, sized to fit the L1 host.
 const RUN_2NODE: &[&str] = &[
     "--numa-nodes",
@@ -75,6 +77,10 @@ const ROUTE_LIMIT: Duration = Duration::from_secs(1200);
 /// What the guest kernel may keep of a node's RAM out of its MemTotal and "Early memory node
 /// ranges" (the real-mode area, the BIOS hole, firmware tables).
 const RAM_SLACK: u64 = 4 << 20;
+/// What a node's MemTotal (and numactl's size) may lack of its planned memory: the kernel image
+/// in the first node (about 34 MiB of Debian's cloud kernel, seen under QEMU), each node's
+/// struct pages and per-node data.
+const RESERVED_SLACK: u64 = 48 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -498,7 +504,7 @@ fn check_guest_view(name: &str, s: &Section, layout: &Layout) {
         assert_eq!(g.cpus, v.vcpus, "{name}: CPUs of guest node {}", v.id);
         let mib = v.memory_bytes >> 20;
         assert!(
-            g.size_mb <= mib && g.size_mb * 4 >= mib * 3,
+            g.size_mb > 0 && g.size_mb <= mib && g.size_mb + (RESERVED_SLACK >> 20) >= mib,
             "{name}: guest node {} has {} MB of {} MiB planned",
             v.id,
             g.size_mb,
@@ -528,7 +534,7 @@ fn check_guest_view(name: &str, s: &Section, layout: &Layout) {
         assert_eq!(row, layout.distances[v.id as usize], "{name}: sysfs {line}");
         let kb: u64 = field("memtotal_kb=").parse().unwrap();
         assert!(
-            kb * 1024 <= v.memory_bytes && kb * 1024 * 4 >= v.memory_bytes * 3,
+            kb > 0 && kb * 1024 <= v.memory_bytes && kb * 1024 + RESERVED_SLACK >= v.memory_bytes,
             "{name}: {line}"
         );
     }
