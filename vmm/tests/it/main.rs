@@ -5,3 +5,4 @@ mod acpi_iasl;
 mod builtin_guest;
 mod common;
 mod errors;
+mod linux_guest;
