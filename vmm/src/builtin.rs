@@ -168,7 +168,7 @@ impl BuiltinBoot {
             base: TSS_GPA + u64::from(vcpu) * TSS_STRIDE,
             limit: TSS_LIMIT,
             selector: TSS_SELECTOR_BASE + 16 * vcpu as u16,
-            type_: 11, // busy 64-bit TSS
+            type_: tr_type(),
             present: 1,
             ..Default::default()
         };
@@ -196,6 +196,20 @@ impl BuiltinBoot {
             mxcsr: 0x1f80,
             ..Default::default()
         }
+    }
+}
+
+/// The TR type to load. Intel VMX refuses to enter a guest whose TR is not busy (11). AMD SVM
+/// checks nothing, but QEMU's TCG emulation of it (our nested test route) takes the I/O
+/// permission bitmap only from an available TSS (9) and raises #GP on every port access from
+/// CPL 3 otherwise; so busy on Intel, available on AMD.
+fn tr_type() -> u8 {
+    let v = core::arch::x86_64::__cpuid(0);
+    let amd = (v.ebx, v.edx, v.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163); // "AuthenticAMD"
+    if amd {
+        9
+    } else {
+        11
     }
 }
 
