@@ -3,6 +3,7 @@
 //! the ring, so many requests are in flight at once (up to each export's buffer count).
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -280,22 +281,28 @@ impl Server {
                         (IoTarget::Map, Some(f)) => f.as_raw_fd(),
                         _ => b.data.as_raw_fd(),
                     };
-                    // Page-cache mode: a read that hits the cache, or a write-back write the
-                    // cache takes without waiting, completes here without a ring round trip.
+                    // Page-cache mode: a read that hits the cache completes here without a
+                    // ring round trip; a write-back write is a plain pwrite into the cache (as
+                    // vblade's), because io_uring would hand buffered writes the file system
+                    // cannot do without blocking (ext4: no RWF_NOWAIT) to a worker thread.
                     if !b.direct && req.target == IoTarget::Data {
                         let done = match req.op {
                             IoOp::Read { offset, len } => {
-                                sys::pread_nowait(fd, req.buf.data_mut(len), offset)?
+                                sys::pread_nowait(fd, req.buf.data_mut(len), offset).transpose()
                             }
                             IoOp::Write {
                                 offset,
                                 len,
                                 durable: false,
-                            } => sys::pwrite_nowait(fd, req.buf.data(len), offset)?,
+                            } => Some(
+                                b.data
+                                    .write_at(req.buf.data(len), offset)
+                                    .map(|n| n.min(len)),
+                            ),
                             _ => None,
                         };
-                        if let Some(n) = done {
-                            self.engine.on_io_done(req.id, Ok(n), req.buf);
+                        if let Some(res) = done {
+                            self.engine.on_io_done(req.id, res, req.buf);
                             continue;
                         }
                     }

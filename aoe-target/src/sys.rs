@@ -301,21 +301,6 @@ pub fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<Option
     nowait_result(n, buf.len())
 }
 
-/// Writes at `offset` only if no waiting is needed (into the page cache), with
-/// `pwritev2(RWF_NOWAIT)`; `Ok(None)` as for [`pread_nowait`].
-pub fn pwrite_nowait(fd: RawFd, buf: &[u8], offset: u64) -> io::Result<Option<usize>> {
-    let iov = libc::iovec {
-        iov_base: buf.as_ptr().cast_mut().cast(),
-        iov_len: buf.len(),
-    };
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: iov describes `buf`, which is valid for the duration of the call; the kernel
-    // only reads from it.
-    let n = unsafe { libc::pwritev2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
-    nowait_result(n, buf.len())
-}
-
 fn nowait_result(n: isize, want: usize) -> io::Result<Option<usize>> {
     if n < 0 {
         let e = io::Error::last_os_error();
@@ -334,7 +319,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     #[test]
-    fn nowait_io_hits_the_page_cache() {
+    fn nowait_read_hits_the_page_cache() {
         let f = tempfile::tempfile().unwrap();
         f.write_all_at(&[7u8; 8192], 0).unwrap();
         let mut buf = vec![0u8; 4096];
@@ -343,15 +328,6 @@ mod tests {
             Some(4096)
         );
         assert!(buf.iter().all(|b| *b == 7));
-        // pwrite with RWF_NOWAIT may be refused (EAGAIN/EOPNOTSUPP) on some file systems.
-        if let Some(n) = pwrite_nowait(f.as_raw_fd(), &[9u8; 512], 0).unwrap() {
-            assert_eq!(n, 512);
-            assert_eq!(
-                pread_nowait(f.as_raw_fd(), &mut buf[..512], 0).unwrap(),
-                Some(512)
-            );
-            assert!(buf[..512].iter().all(|b| *b == 9));
-        }
         // Past the end: short, so None (the caller falls back to io_uring).
         assert_eq!(pread_nowait(f.as_raw_fd(), &mut buf, 8000).unwrap(), None);
     }
