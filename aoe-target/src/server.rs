@@ -3,6 +3,7 @@
 //! the ring, so many requests are in flight at once (up to each export's buffer count).
 
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -217,6 +218,8 @@ impl Server {
                     self.engine.on_io_done(id, c.result, c.buf);
                 }
             }
+            // Replies to what just completed go out before the next receive batch.
+            self.submit_actions(&mut ring).map_err(io("io_uring"))?;
             if last_status.elapsed() >= Duration::from_secs(1) {
                 self.write_status();
                 last_status = Instant::now();
@@ -272,12 +275,37 @@ impl Server {
                     }
                     self.engine.recycle(buf);
                 }
-                Action::Io(req) => {
+                Action::Io(mut req) => {
                     let b = &self.backings[req.export];
                     let fd = match (req.target, &b.map_file) {
                         (IoTarget::Map, Some(f)) => f.as_raw_fd(),
                         _ => b.data.as_raw_fd(),
                     };
+                    // Page-cache mode: a read that hits the cache completes here without a
+                    // ring round trip; a write-back write is a plain pwrite into the cache (as
+                    // vblade's), because io_uring would hand buffered writes the file system
+                    // cannot do without blocking (ext4: no RWF_NOWAIT) to a worker thread.
+                    if !b.direct && req.target == IoTarget::Data {
+                        let done = match req.op {
+                            IoOp::Read { offset, len } => {
+                                sys::pread_nowait(fd, req.buf.data_mut(len), offset).transpose()
+                            }
+                            IoOp::Write {
+                                offset,
+                                len,
+                                durable: false,
+                            } => Some(
+                                b.data
+                                    .write_at(req.buf.data(len), offset)
+                                    .map(|n| n.min(len)),
+                            ),
+                            _ => None,
+                        };
+                        if let Some(res) = done {
+                            self.engine.on_io_done(req.id, res, req.buf);
+                            continue;
+                        }
+                    }
                     let op = match req.op {
                         IoOp::Read { offset, len } => Op::Read { fd, offset, len },
                         IoOp::Write {

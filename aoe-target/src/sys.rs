@@ -45,7 +45,6 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 #[derive(Debug)]
 pub struct PacketSocket {
     fd: OwnedFd,
-    ifindex: i32,
     mac: Mac,
     mtu: u32,
 }
@@ -118,7 +117,6 @@ impl PacketSocket {
         let mtu = u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500);
         let s = PacketSocket {
             fd,
-            ifindex,
             mac: Mac(mac),
             mtu,
         };
@@ -154,11 +152,6 @@ impl PacketSocket {
     /// The interface's MTU.
     pub fn mtu(&self) -> u32 {
         self.mtu
-    }
-
-    /// The interface index.
-    pub fn ifindex(&self) -> i32 {
-        self.ifindex
     }
 
     /// Sends one frame.
@@ -291,4 +284,51 @@ pub fn with_netns<T>(name: &str, f: impl FnOnce() -> T) -> io::Result<T> {
     // SAFETY: as above, returning the thread to the namespace it started in.
     cvt(unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) })?;
     Ok(out)
+}
+
+/// Reads at `offset` only if no waiting is needed (a page-cache hit), with
+/// `preadv2(RWF_NOWAIT)`. `Ok(None)`: it would block, came back short, or the file does not
+/// support it; the caller then queues the read on io_uring.
+pub fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: iov describes `buf`, which is valid and writable for the duration of the call.
+    let n = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
+    nowait_result(n, buf.len())
+}
+
+fn nowait_result(n: isize, want: usize) -> io::Result<Option<usize>> {
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let n = n.unsigned_abs();
+    Ok((n == want).then_some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn nowait_read_hits_the_page_cache() {
+        let f = tempfile::tempfile().unwrap();
+        f.write_all_at(&[7u8; 8192], 0).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(
+            pread_nowait(f.as_raw_fd(), &mut buf, 4096).unwrap(),
+            Some(4096)
+        );
+        assert!(buf.iter().all(|b| *b == 7));
+        // Past the end: short, so None (the caller falls back to io_uring).
+        assert_eq!(pread_nowait(f.as_raw_fd(), &mut buf, 8000).unwrap(), None);
+    }
 }

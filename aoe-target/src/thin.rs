@@ -16,7 +16,7 @@
 //! write-intent bitmap is set before the write, aoe-anchors §3.4); later generations are
 //! written alongside the data, and a write is acknowledged only once both are durable.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -318,13 +318,6 @@ impl ThinMap {
             source,
         })?;
         ThinMap::decode(&bytes)
-    }
-
-    /// Writes the header page synchronously (used when the config string changes, which is
-    /// rare) and syncs it.
-    pub fn write_header(&self, file: &File) -> std::io::Result<()> {
-        file.write_all_at(&self.header_bytes(), 0)?;
-        file.sync_data()
     }
 }
 

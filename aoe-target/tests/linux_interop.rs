@@ -153,7 +153,7 @@ fn linux_aoe_driver_in_qemu_against_target() {
             ["AOE-CHECK", name, result] => checks.push((name.to_string(), *result == "PASS")),
             ["AOE-SIZE", n] => size = n.parse::<u64>().ok(),
             ["AOE-PHASE", "restart-begin"] => {
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(Duration::from_millis(100));
                 if let Some(t) = target.take() {
                     t.signal("KILL");
                 }
@@ -199,7 +199,7 @@ fn linux_aoe_driver_in_qemu_against_target() {
         console.contains("AOE-PAYLOAD 1024"),
         "1024-byte frames at MTU 1500:\n{console}"
     );
-    // The restarted target received writes: the 12 MiB write was still in flight at the kill.
+    // The restarted target received writes: the 24 MiB write was still in flight at the kill.
     let st = target.as_ref().unwrap().fresh_status();
     assert!(st["exports"][0]["writes"].as_u64().unwrap() > 0, "{st}");
 }

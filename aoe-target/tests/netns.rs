@@ -82,6 +82,7 @@ fn serves_an_initiator_at_mtu_1500() {
     assert!(e["thin_map"].as_bool().unwrap());
 }
 
+/// Also the page-cache (--writeback) path: reads and writes served without the ring.
 #[test]
 fn jumbo_frames_carry_17_sectors() {
     if !can_run("jumbo_frames_carry_17_sectors") {
@@ -94,7 +95,7 @@ fn jumbo_frames_carry_17_sectors() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    let _t = Target::start(
+    let t = Target::start(
         &net.t,
         dir.path(),
         &[
@@ -106,6 +107,7 @@ fn jumbo_frames_carry_17_sectors() {
             "0",
             "--file",
             img.to_str().unwrap(),
+            "--writeback",
         ],
     );
     let mut s = net.session(3, 0);
@@ -116,6 +118,9 @@ fn jumbo_frames_carry_17_sectors() {
     // The data is in the backing file at the same offset (direct mapping).
     let file = std::fs::read(&img).unwrap();
     assert_eq!(&file[77 * 512..77 * 512 + data.len()], &data[..]);
+    let st = t.fresh_status();
+    assert_eq!(st["exports"][0]["writeback"], true);
+    assert_eq!(st["exports"][0]["o_direct"], false);
 }
 
 #[test]

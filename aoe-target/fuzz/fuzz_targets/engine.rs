@@ -9,7 +9,9 @@ use libfuzzer_sys::fuzz_target;
 const ME: Mac = Mac([2, 0, 0, 0, 0, 9]);
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, mut rest)) = data.split_first() else { return };
+    let Some((&mode, mut rest)) = data.split_first() else {
+        return;
+    };
     let mut engine = Engine::new(ME, if mode & 1 == 0 { 2 } else { 17 });
     let spec = ExportSpec {
         shelf: 7,

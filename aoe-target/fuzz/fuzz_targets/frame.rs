@@ -7,7 +7,13 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|frame: &[u8]| {
     let _ = Header::parse(frame);
     if let Ok(a) = AtaArg::parse(frame) {
-        let _ = (a.lba(), a.raw_lba(), a.data().len(), a.sector_count(), a.is_write());
+        let _ = (
+            a.lba(),
+            a.raw_lba(),
+            a.data().len(),
+            a.sector_count(),
+            a.is_write(),
+        );
     }
     if let Ok(c) = ConfigArg::parse(frame) {
         assert!(c.string.len() <= aoe_target::wire::MAX_CONFIG_STRING);

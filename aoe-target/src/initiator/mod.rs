@@ -288,11 +288,6 @@ impl Session {
         &self.window
     }
 
-    /// The RTT estimator.
-    pub fn rtt(&self) -> &RttEstimator {
-        &self.rtt
-    }
-
     /// Requests queued or in flight.
     pub fn pending(&self) -> usize {
         self.queue.len() + self.inflight.len()

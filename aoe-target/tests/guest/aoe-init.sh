@@ -62,11 +62,11 @@ thin_zeros() {
 check thin-zeros thin_zeros
 
 # The host kills the target with SIGKILL and restarts it while this write is in flight.
-dd if=/dev/urandom of=/tmp/big bs=1048576 count=12 2>/dev/null
+dd if=/dev/urandom of=/tmp/big bs=1048576 count=24 2>/dev/null
 say "PHASE restart-begin"
-check restart-inflight-write dd if=/tmp/big of=$D bs=1048576 count=12 seek=20 oflag=direct
+check restart-inflight-write dd if=/tmp/big of=$D bs=1048576 count=24 seek=20 oflag=direct
 restart_readback() {
-    dd if=$D of=/tmp/big.back bs=1048576 count=12 skip=20 iflag=direct 2>/dev/null &&
+    dd if=$D of=/tmp/big.back bs=1048576 count=24 skip=20 iflag=direct 2>/dev/null &&
         cmp /tmp/big /tmp/big.back
 }
 check restart-readback restart_readback
