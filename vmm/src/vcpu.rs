@@ -129,38 +129,72 @@ impl Trigger for SerialIrq {
 /// What Linux prints when it panics; a reset after it is reported as a panic.
 const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
 
+/// What the console has seen: whether the kernel panicked, and when it last wrote.
+#[derive(Debug)]
+pub struct ConsoleWatch {
+    epoch: Instant,
+    panicked: AtomicBool,
+    last_write_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Default for ConsoleWatch {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            panicked: AtomicBool::new(false),
+            last_write_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl ConsoleWatch {
+    /// True once a console line said `Kernel panic - not syncing`.
+    pub fn panicked(&self) -> bool {
+        self.panicked.load(Ordering::Acquire)
+    }
+    /// How long the console has been silent.
+    pub fn quiet_for(&self) -> std::time::Duration {
+        let last = std::time::Duration::from_millis(self.last_write_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+    fn wrote(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_write_ms.store(ms, Ordering::Release);
+    }
+}
+
 /// Console output that remembers when the guest first wrote to it and whether it panicked.
 pub struct ConsoleOut {
     out: Box<dyn Write + Send>,
     first: Arc<OnceLock<Instant>>,
-    panicked: Arc<AtomicBool>,
+    watch: Arc<ConsoleWatch>,
     line: Vec<u8>,
 }
 
 impl ConsoleOut {
-    /// Wraps `out`; `first` receives the time of the first byte, `panicked` is set when a line
-    /// says the kernel panicked.
+    /// Wraps `out`; `first` receives the time of the first byte, `watch` what it sees.
     pub fn new(
         out: Box<dyn Write + Send>,
         first: Arc<OnceLock<Instant>>,
-        panicked: Arc<AtomicBool>,
+        watch: Arc<ConsoleWatch>,
     ) -> Self {
         Self {
             out,
             first,
-            panicked,
+            watch,
             line: Vec::new(),
         }
     }
 
     fn watch(&mut self, buf: &[u8]) {
+        self.watch.wrote();
         for &b in buf {
             if b == b'\n' {
                 self.line.clear();
             } else if self.line.len() < 256 {
                 self.line.push(b);
                 if self.line.ends_with(PANIC_MARK) {
-                    self.panicked.store(true, Ordering::Release);
+                    self.watch.panicked.store(true, Ordering::Release);
                 }
             }
         }
@@ -285,7 +319,11 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<VcpuEnd, VcpuError> {
                 }
                 RESET_PORT if linux && data[0] == RESET_VALUE => return Ok(VcpuEnd::Reset),
                 // Linux probes legacy ports (POST codes, PIC, CMOS, PCI): nothing answers.
-                _ if linux => {}
+                p if linux => {
+                    if odd_ports.allow() {
+                        log::debug!("vCPU {me}: write {:#x?} to port {p:#x} ignored", data);
+                    }
+                }
                 p => {
                     if odd_ports.allow() {
                         log::warn!("vCPU {me}: write to unhandled port {p:#x} ignored");

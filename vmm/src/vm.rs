@@ -28,7 +28,9 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::report::{
     self, GuestTopology, LayoutOut, MemoryOut, RunReport, StreamFigures, TimingOut, VcpuThread,
 };
-use crate::vcpu::{self, ConsoleOut, Event, GuestKind, Report, SerialIrq, VcpuContext, VcpuEnd};
+use crate::vcpu::{
+    self, ConsoleOut, ConsoleWatch, Event, GuestKind, Report, SerialIrq, VcpuContext, VcpuEnd,
+};
 
 /// Errors of a run, each one clear line.
 #[derive(Debug, thiserror::Error)]
@@ -371,10 +373,10 @@ impl Vmm {
             ConsoleTarget::Stderr => Box::new(std::io::stderr()),
             ConsoleTarget::Sink => Box::new(std::io::sink()),
         };
-        let panicked = Arc::new(AtomicBool::new(false));
+        let watch = Arc::new(ConsoleWatch::default());
         let console = Arc::new(Mutex::new(Serial::new(
             serial_irq,
-            ConsoleOut::new(out, first_output.clone(), panicked.clone()),
+            ConsoleOut::new(out, first_output.clone(), watch.clone()),
         )));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = channel();
@@ -418,6 +420,15 @@ impl Vmm {
             let event = match rx.recv_timeout(wait) {
                 Ok(e) => e,
                 Err(RecvTimeoutError::Timeout) => {
+                    // A panicked kernel may never reset (panic=0, or a reboot method this
+                    // machine lacks): once its console has been quiet for a second, it is over.
+                    if watch.panicked()
+                        && watch.quiet_for() >= Duration::from_secs(1)
+                        && !stop.load(Ordering::Acquire)
+                    {
+                        guest_exit.get_or_insert(VcpuEnd::Reset);
+                        stop.store(true, Ordering::Release);
+                    }
                     if deadline.is_some_and(|d| Instant::now() >= d) && stopped_by.is_none() {
                         stopped_by = Some(format!(
                             "the {} s timeout",
@@ -516,7 +527,7 @@ impl Vmm {
             }
         }
         let guest_exit = guest_exit.map(|end| match end {
-            VcpuEnd::Reset if panicked.load(Ordering::Acquire) => "panic",
+            _ if watch.panicked() => "panic",
             VcpuEnd::Reset => "reset",
             VcpuEnd::PowerOff => "poweroff",
             VcpuEnd::Done(_) | VcpuEnd::Stopped => "done",
