@@ -6,6 +6,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 echo "L2-MARKER-BOOTED uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r) nproc=$(nproc)"
 echo "L2-PANIC-NOW"
+# Let the interrupt-driven console drain first: the panic's own messages go out by polling and
+# would otherwise cut into these lines.
+sleep 1
 echo c >/proc/sysrq-trigger
 # Not reached when the kernel panics.
 sleep 2
