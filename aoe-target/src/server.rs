@@ -14,8 +14,8 @@ use crate::store::{Backing, StoreError};
 use crate::sys::{self, PacketSocket, SysError};
 use crate::uring::{Op, Uring};
 use crate::wire::{
-    sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac, BROADCAST_MAJOR, HEADER_LEN,
-    MIN_FRAME_LEN,
+    query_config_frame, sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac,
+    BROADCAST_MAJOR, HEADER_LEN, MIN_FRAME_LEN,
 };
 
 /// Token of the socket poll (engine I/O ids are small integers).
@@ -377,17 +377,8 @@ pub fn probe_taken(
         source,
     };
     let tag = 0x8000_0000 | (std::process::id() & 0x7fff_ffff);
-    let mut f = vec![0u8; MIN_FRAME_LEN];
-    Header::request(
-        Mac::BROADCAST,
-        sock.mac(),
-        shelf,
-        slot,
-        Command::Config,
-        tag,
-    )
-    .write(&mut f)
-    .map_err(|_| io(std::io::Error::other("frame")))?;
+    let f = query_config_frame(sock.mac(), shelf, slot, tag)
+        .map_err(|_| io(std::io::Error::other("frame")))?;
     if let Err(e) = sock.send(&f) {
         // A link without carrier (a tap no VM has opened yet) cannot carry the probe.
         log::warn!("cannot probe for e{shelf}.{slot} ({e}); not checking for a duplicate");

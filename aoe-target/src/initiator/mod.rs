@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use crate::sys::{PacketSocket, SysError};
 use crate::wire::{
-    ata_cmd, padded_len, write_ata_request, AtaArg, Command, ConfigArg, ConfigCmd, Header, Mac,
-    AFLAG_EXTENDED, AFLAG_WRITE, ATA_DATA, ATA_STATUS_FAILED, BROADCAST_MAJOR, BROADCAST_MINOR,
-    MIN_FRAME_LEN, SECTOR,
+    ata_cmd, padded_len, query_config_frame, write_ata_request, AtaArg, Command, ConfigArg, Header,
+    Mac, AFLAG_EXTENDED, AFLAG_WRITE, ATA_DATA, ATA_STATUS_FAILED, BROADCAST_MAJOR,
+    BROADCAST_MINOR, SECTOR,
 };
 
 /// Errors of the initiator.
@@ -93,19 +93,7 @@ pub fn discover(
     wait: Duration,
 ) -> Result<Vec<TargetInfo>, InitiatorError> {
     let tag = 0x8000_0000 | (std::process::id() & 0xffff);
-    let mut f = vec![0u8; MIN_FRAME_LEN];
-    Header::request(
-        Mac::BROADCAST,
-        sock.mac(),
-        shelf,
-        slot,
-        Command::Config,
-        tag,
-    )
-    .write(&mut f)
-    .map_err(|e| InitiatorError::Invalid(e.to_string()))?;
-    ConfigArg::request(ConfigCmd::Read, &[])
-        .write(&mut f)
+    let f = query_config_frame(sock.mac(), shelf, slot, tag)
         .map_err(|e| InitiatorError::Invalid(e.to_string()))?;
     sock.send(&f)?;
     let mut found: Vec<TargetInfo> = Vec::new();

@@ -1,6 +1,8 @@
 //! Command 1, Query Config Information (aoe-anchors §1.3).
 
-use super::{be16, need, put_be16, Result, WireError, AOE_VERSION, ARG};
+use super::{
+    be16, need, put_be16, Command, Header, Mac, Result, WireError, AOE_VERSION, ARG, MIN_FRAME_LEN,
+};
 
 /// Offset of Buffer Count.
 pub const BUFFER_COUNT: usize = ARG;
@@ -146,8 +148,37 @@ impl<'a> ConfigArg<'a> {
     }
 }
 
+/// A broadcast Query Config "read" for `shelf.slot` (0xFFFF/0xFF for every target) from `src`,
+/// padded to the minimum frame length: what discovery and the duplicate-address probe send.
+pub fn query_config_frame(src: Mac, shelf: u16, slot: u8, tag: u32) -> Result<Vec<u8>> {
+    let mut f = vec![0u8; MIN_FRAME_LEN];
+    Header::request(Mac::BROADCAST, src, shelf, slot, Command::Config, tag).write(&mut f)?;
+    ConfigArg::request(ConfigCmd::Read, &[]).write(&mut f)?;
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn query_config_frame_is_a_broadcast_read() {
+        let src = Mac([2, 0, 0, 0, 0, 1]);
+        let f = query_config_frame(src, 7, 3, 0x8000_0042).unwrap();
+        assert_eq!(f.len(), MIN_FRAME_LEN);
+        let h = Header::parse(&f).unwrap();
+        assert_eq!(
+            (h.dst, h.src, h.major, h.minor),
+            (Mac::BROADCAST, src, 7, 3)
+        );
+        assert_eq!(
+            (h.command, h.tag, h.response),
+            (Command::Config, 0x8000_0042, false)
+        );
+        let c = ConfigArg::parse(&f).unwrap();
+        assert_eq!(c.ccmd, ConfigCmd::Read);
+        assert!(c.string.is_empty());
+    }
+
     use super::*;
 
     /// The argument of vblade's captured reply (aoe-anchors §2.4): bufcnt 16, fw 0x4019,
