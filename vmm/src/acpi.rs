@@ -19,6 +19,7 @@ use numa::Layout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_guest::abi::{ACPI_END, ACPI_GPA};
 
+use crate::cmos;
 use crate::cpuid::CpuTopology;
 use crate::linux::{
     COM1_IRQ, RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
@@ -169,9 +170,11 @@ fn slit(layout: &Layout) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-/// DSDT: `\_S5_` (the SLP_TYP a guest writes to the sleep control register to power off) and
-/// COM1 as a PNP0501 device. In hardware-reduced mode Linux has no legacy PIC IRQs, so its 8250
-/// driver gets IRQ 4 only through this `_CRS` (as with Cloud Hypervisor's DSDT).
+/// DSDT: `\_S5_` (the SLP_TYP a guest writes to the sleep control register to power off),
+/// COM1 as a PNP0501 device and the CMOS clock as PNP0B00. In hardware-reduced mode Linux has no
+/// legacy PIC IRQs, so its 8250 driver gets IRQ 4 only through this `_CRS` (as with Cloud
+/// Hypervisor's DSDT); the clock has no interrupt (crate::cmos raises none), so rtc-cmos
+/// registers it without alarms.
 fn dsdt() -> Vec<u8> {
     let mut t = sdt(*b"DSDT", 6);
     let s5 = S5_SLP_TYP;
@@ -191,7 +194,15 @@ fn dsdt() -> Vec<u8> {
         aml::Name::new("_CRS".into(), &crs),
     );
     let com1 = aml::Device::new("COM1".into(), vec![&n_hid, &n_uid, &n_crs]);
-    aml::Scope::new("\\_SB_".into(), vec![&com1]).to_aml_bytes(&mut t);
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_io = aml::IO::new(cmos::PORT_INDEX, cmos::PORT_INDEX, 0, 2);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io]);
+    let (r_hid, r_crs) = (
+        aml::Name::new("_HID".into(), &rtc_hid),
+        aml::Name::new("_CRS".into(), &rtc_crs),
+    );
+    let rtc = aml::Device::new("RTC_".into(), vec![&r_hid, &r_crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&com1, &rtc]).to_aml_bytes(&mut t);
     t.update_checksum();
     t.as_slice().to_vec()
 }

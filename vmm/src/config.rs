@@ -41,6 +41,8 @@ pub struct VmConfig {
     pub overcommit: bool,
     /// Guest RAM backing.
     pub backing: Backing,
+    /// Fault all guest RAM in before the guest starts (otherwise on the guest's first touch).
+    pub prefault: bool,
     /// STREAM passes in the built-in guest.
     pub passes: u32,
     /// Also run the kernels on host threads placed as the vCPUs.
@@ -69,6 +71,7 @@ impl VmConfig {
             pin: false,
             overcommit: false,
             backing: Backing::Thp,
+            prefault: true,
             passes: DEFAULT_PASSES,
             compare_host: false,
             dump_acpi: None,

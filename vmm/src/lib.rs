@@ -7,6 +7,7 @@
 
 pub mod acpi;
 pub mod builtin;
+pub mod cmos;
 pub mod config;
 pub mod cpuid;
 pub mod host_stream;

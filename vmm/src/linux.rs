@@ -552,7 +552,7 @@ mod tests {
     #[test]
     fn missing_and_corrupt_kernels_are_clear_errors() {
         let l = layout(&[(vec![0], &[(0, 128 << 20)])], vec![vec![10]]);
-        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, &[vec![]]).unwrap();
+        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, None).unwrap();
         let spec = |kernel: &Path| LinuxSpec {
             kernel: kernel.to_path_buf(),
             initramfs: None,
@@ -592,7 +592,7 @@ mod tests {
     #[test]
     fn boot_data_lands_where_the_protocol_says() {
         let l = layout(&[(vec![0], &[(0, 128 << 20)])], vec![vec![10]]);
-        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, &[vec![]]).unwrap();
+        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, None).unwrap();
         let kernel = fake_bzimage();
         let initrd = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(initrd.path(), vec![7u8; 3 << 20]).unwrap();
@@ -629,7 +629,7 @@ mod tests {
     #[test]
     fn oversized_cmdline_and_initramfs_are_refused() {
         let l = layout(&[(vec![0], &[(0, 128 << 20)])], vec![vec![10]]);
-        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, &[vec![]]).unwrap();
+        let ram = crate::memory::GuestRam::new(&l, crate::memory::Backing::Thp, None).unwrap();
         let kernel = fake_bzimage();
         let mut spec = LinuxSpec {
             kernel: kernel.path().into(),

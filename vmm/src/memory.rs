@@ -60,6 +60,9 @@ pub enum MemoryError {
     /// Reading page placement failed.
     #[error("cannot read page placement")]
     Placement(#[source] numa::MemPolicyError),
+    /// Reading which pages are resident failed.
+    #[error("cannot read which guest pages are resident")]
+    Resident(#[source] std::io::Error),
 }
 
 /// One vnode's host mapping; unmapped on drop.
@@ -89,16 +92,19 @@ pub struct Placement {
     pub vnode: u32,
     /// The host node it is bound to.
     pub host_node: u32,
-    /// Pages sampled.
+    /// Resident pages sampled (pages the guest never touched are not resident without the
+    /// prefault, and have no node yet).
     pub sampled: u64,
+    /// Sampled pages not resident.
+    pub not_resident: u64,
     /// Sampled pages found on `host_node`.
     pub on_node: u64,
 }
 
 impl Placement {
-    /// True when every sampled page is on the bound node.
+    /// True when every resident sampled page is on the bound node.
     pub fn all_local(&self) -> bool {
-        self.sampled > 0 && self.on_node == self.sampled
+        self.on_node == self.sampled
     }
 }
 
@@ -108,8 +114,8 @@ pub struct GuestRam {
     // Declared before `mappings`: the views must go before the memory they view.
     mem: GuestMemoryMmap,
     mappings: Vec<Mapping>,
-    /// Time spent prefaulting (all vnodes in parallel).
-    pub prefault_time: Duration,
+    /// Time spent prefaulting (all vnodes in parallel); `None` when not prefaulted.
+    pub prefault_time: Option<Duration>,
     /// Backing in effect.
     pub backing: Backing,
     /// Whether THP was available when asked for.
@@ -197,13 +203,48 @@ fn prefault(m: &Mapping) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Prefaults every vnode on a thread of its own running on `prefault_cpus[i]`, all in
+/// parallel; returns the time it took.
+fn prefault_all(
+    layout: &Layout,
+    mappings: &[Mapping],
+    prefault_cpus: &[Vec<u32>],
+) -> Result<Duration, MemoryError> {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = layout
+            .vnodes
+            .iter()
+            .zip(mappings)
+            .enumerate()
+            .map(|(i, (v, m))| {
+                let cpus = prefault_cpus.get(i).cloned().unwrap_or_default();
+                s.spawn(move || {
+                    if !cpus.is_empty() {
+                        // Best effort: the binding already decides placement; running on the
+                        // node only makes the zeroing local.
+                        let _ = numa::set_thread_affinity(&cpus);
+                    }
+                    prefault(m).map_err(|e| MemoryError::Prefault(v.id, v.host_node, e))
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("prefault thread does not panic"))
+            .collect::<Result<Vec<()>, MemoryError>>()
+    })?;
+    Ok(start.elapsed())
+}
+
 impl GuestRam {
-    /// Maps, binds and prefaults every vnode. `prefault_cpus[i]` are the host CPUs vnode i's
-    /// prefault thread runs on (its host node's CPUs).
+    /// Maps and binds every vnode, and prefaults them when `prefault_cpus` is given:
+    /// `prefault_cpus[i]` are the host CPUs vnode i's prefault thread runs on (its host node's
+    /// CPUs). Without the prefault the guest's first touch faults each page in, on the bound node
+    /// all the same (the binding is strict), as QEMU, Cloud Hypervisor and Firecracker do by default.
     pub fn new(
         layout: &Layout,
         backing: Backing,
-        prefault_cpus: &[Vec<u32>],
+        prefault_cpus: Option<&[Vec<u32>]>,
     ) -> Result<Self, MemoryError> {
         let huge_pages = match backing {
             Backing::Thp => thp_enabled(),
@@ -216,30 +257,10 @@ impl GuestRam {
                 .map_err(|e| MemoryError::Bind(v.id, v.host_node, e))?;
             mappings.push(m);
         }
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            let jobs: Vec<_> = layout
-                .vnodes
-                .iter()
-                .zip(&mappings)
-                .enumerate()
-                .map(|(i, (v, m))| {
-                    let cpus = prefault_cpus.get(i).cloned().unwrap_or_default();
-                    s.spawn(move || {
-                        if !cpus.is_empty() {
-                            // Best effort: the binding already decides placement; running on the
-                            // node only makes the zeroing local.
-                            let _ = numa::set_thread_affinity(&cpus);
-                        }
-                        prefault(m).map_err(|e| MemoryError::Prefault(v.id, v.host_node, e))
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .map(|j| j.join().expect("prefault thread does not panic"))
-                .collect::<Result<Vec<()>, MemoryError>>()
-        })?;
-        let prefault_time = start.elapsed();
+        let prefault_time = match prefault_cpus {
+            Some(cpus) => Some(prefault_all(layout, &mappings, cpus)?),
+            None => None,
+        };
 
         let mut regions = Vec::new();
         for (v, m) in layout.vnodes.iter().zip(&mappings) {
@@ -280,6 +301,22 @@ impl GuestRam {
         &self.mem
     }
 
+    /// Bytes of guest RAM resident in host memory (all of it after the prefault).
+    pub fn resident_bytes(&self) -> Result<u64, MemoryError> {
+        let mut total = 0u64;
+        for m in &self.mappings {
+            let mut pages = vec![0u8; m.len.div_ceil(PAGE)];
+            // SAFETY: ptr/len are our page-aligned mapping; mincore writes one byte per page
+            // into `pages`, which holds exactly that many.
+            let rc = unsafe { libc::mincore(m.ptr.cast(), m.len, pages.as_mut_ptr()) };
+            if rc != 0 {
+                return Err(MemoryError::Resident(std::io::Error::last_os_error()));
+            }
+            total += pages.iter().filter(|&&p| p & 1 == 1).count() as u64 * PAGE as u64;
+        }
+        Ok(total)
+    }
+
     /// Samples each vnode's pages and counts those on its bound node.
     pub fn placement(&self, layout: &Layout) -> Result<Vec<Placement>, MemoryError> {
         layout
@@ -295,10 +332,13 @@ impl GuestRam {
                     .map(|p| unsafe { m.ptr.add(p * PAGE) }.cast_const())
                     .collect();
                 let nodes = numa::page_nodes(&addrs).map_err(MemoryError::Placement)?;
+                // move_pages gives -ENOENT for a page that is not resident.
+                let not_resident = nodes.iter().filter(|&&n| n == -libc::ENOENT).count() as u64;
                 Ok(Placement {
                     vnode: v.id,
                     host_node: v.host_node,
-                    sampled: nodes.len() as u64,
+                    sampled: nodes.len() as u64 - not_resident,
+                    not_resident,
                     on_node: nodes.iter().filter(|&&n| n == v.host_node as i32).count() as u64,
                 })
             })
@@ -321,7 +361,9 @@ mod tests {
             ],
             vec![vec![10, 20], vec![20, 10]],
         );
-        let ram = GuestRam::new(&l, Backing::Thp, &[vec![], vec![]]).unwrap();
+        let ram = GuestRam::new(&l, Backing::Thp, Some(&[vec![], vec![]])).unwrap();
+        assert!(ram.prefault_time.is_some());
+        assert_eq!(ram.resident_bytes().unwrap(), 24 << 20);
         let p = ram.placement(&l).unwrap();
         assert_eq!(p.len(), 2);
         assert!(p.iter().all(Placement::all_local), "{p:?}");
@@ -334,12 +376,28 @@ mod tests {
     }
 
     #[test]
+    fn without_the_prefault_pages_arrive_on_first_touch_on_their_node() {
+        let l = layout(&[(vec![0], &[(0, 16 << 20)])], vec![vec![10]]);
+        let ram = GuestRam::new(&l, Backing::Thp, None).unwrap();
+        assert_eq!(ram.prefault_time, None);
+        assert_eq!(ram.resident_bytes().unwrap(), 0);
+        let p = ram.placement(&l).unwrap();
+        assert_eq!((p[0].sampled, p[0].on_node), (0, 0), "{p:?}");
+        assert_eq!(p[0].not_resident, (16 << 20) / PAGE as u64);
+        ram.memory().write_obj(1u64, GuestAddress(0)).unwrap();
+        let resident = ram.resident_bytes().unwrap();
+        assert!((PAGE as u64..16 << 20).contains(&resident), "{resident}");
+        let p = ram.placement(&l).unwrap();
+        assert!(p[0].sampled >= 1 && p[0].all_local(), "{p:?}");
+    }
+
+    #[test]
     fn a_vnode_across_the_hole_is_one_mapping_with_two_views() {
         let l = layout(
             &[(vec![0], &[(0, 4 << 20), (16 << 20, 20 << 20)])],
             vec![vec![10]],
         );
-        let ram = GuestRam::new(&l, Backing::Thp, &[vec![]]).unwrap();
+        let ram = GuestRam::new(&l, Backing::Thp, Some(&[vec![]])).unwrap();
         assert_eq!(ram.mappings.len(), 1);
         assert_eq!(ram.memory().num_regions(), 2);
         // The second range is the second half of the same mapping.
@@ -352,7 +410,7 @@ mod tests {
     fn binding_to_a_missing_node_fails_clearly() {
         let mut l = layout(&[(vec![0], &[(0, 4 << 20)])], vec![vec![10]]);
         l.vnodes[0].host_node = 63;
-        let e = GuestRam::new(&l, Backing::Thp, &[vec![]]).unwrap_err();
+        let e = GuestRam::new(&l, Backing::Thp, Some(&[vec![]])).unwrap_err();
         assert!(e.to_string().contains("host node 63"), "{e}");
     }
 }

@@ -330,9 +330,13 @@ pub struct MemoryOut {
     pub backing: Backing,
     /// Whether huge pages were available.
     pub huge_pages: bool,
-    /// Prefault time, all vnodes in parallel, ms.
+    /// Whether guest RAM was faulted in before the guest started.
+    pub prefault: bool,
+    /// Prefault time, all vnodes in parallel, ms (0 without the prefault).
     pub prefault_ms: f64,
-    /// Sampled placement per vnode.
+    /// Guest RAM resident at the end of the run, bytes (all of it after the prefault).
+    pub resident_bytes: Option<u64>,
+    /// Sampled placement per vnode, at the end of the run.
     pub placement: Vec<Placement>,
     /// Every sampled page is on its vnode's host node.
     pub all_local: bool,
@@ -439,11 +443,23 @@ impl RunReport {
             (Backing::Thp, false) => "4 KiB pages (transparent huge pages are off on this host)",
             (Backing::Hugetlb, _) => "hugetlbfs 2 MiB pages",
         };
-        let _ = writeln!(o, "memory: {backing}, prefault {:.0} ms", m.prefault_ms);
+        let resident = m
+            .resident_bytes
+            .map(|b| format!(", {} MiB resident at the end", b >> 20))
+            .unwrap_or_default();
+        if m.prefault {
+            let _ = writeln!(
+                o,
+                "memory: {backing}, prefault {:.0} ms{resident}",
+                m.prefault_ms
+            );
+        } else {
+            let _ = writeln!(o, "memory: {backing}, faulted in by the guest{resident}");
+        }
         for p in &m.placement {
             let _ = writeln!(
                 o,
-                "  vnode {} on host node {}: {} of {} sampled pages there ({:.1}%)",
+                "  vnode {} on host node {}: {} of {} sampled resident pages there ({:.1}%)",
                 p.vnode,
                 p.host_node,
                 p.on_node,

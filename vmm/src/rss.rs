@@ -1,9 +1,9 @@
 //! How much memory the VMM itself uses: resident set size beyond guest RAM (the figure
 //! Firecracker bounds at 5 MiB).
 
-/// VmRSS of this process minus the guest's RAM (which is fully resident after prefault), or
-/// `None` when /proc cannot be read.
-pub fn overhead_bytes(guest_bytes: u64) -> Option<u64> {
+/// VmRSS of this process minus the guest RAM resident in it (`guest_resident_bytes`: all of it
+/// after the prefault, what the guest touched without), or `None` when /proc cannot be read.
+pub fn overhead_bytes(guest_resident_bytes: u64) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: u64 = status
         .lines()
@@ -13,7 +13,7 @@ pub fn overhead_bytes(guest_bytes: u64) -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    Some((kib * 1024).saturating_sub(guest_bytes))
+    Some((kib * 1024).saturating_sub(guest_resident_bytes))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use vmm_guest::abi::{
 };
 
 use crate::builtin::{exception_name, pushes_error_code};
+use crate::cmos::{self, Cmos};
 use crate::linux::{RESET_PORT, RESET_VALUE, S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
 use crate::ratelimit::RateLimit;
 
@@ -238,6 +239,8 @@ pub struct VcpuContext {
     pub mem: GuestMemoryMmap,
     /// COM1.
     pub console: Console,
+    /// The CMOS clock (Linux guests).
+    pub cmos: Arc<Mutex<Cmos>>,
     /// Set to stop every vCPU.
     pub stop: Arc<AtomicBool>,
     /// To the main thread.
@@ -309,6 +312,9 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<VcpuEnd, VcpuError> {
                     // Output errors (a closed pipe) must not stop the guest.
                     let _ = console.write((p - PORT_COM1) as u8, data[0]);
                 }
+                p if linux && (p == cmos::PORT_INDEX || p == cmos::PORT_DATA) => {
+                    ctx.cmos.lock().expect("cmos lock").write(p, data[0]);
+                }
                 // i8042 "pulse reset line" (Linux's reboot=k).
                 0x64 if linux && data[0] == 0xfe => return Ok(VcpuEnd::Reset),
                 // SLP_EN with S5's SLP_TYP: soft off.
@@ -337,6 +343,8 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<VcpuEnd, VcpuError> {
                         .lock()
                         .expect("console lock")
                         .read((port - PORT_COM1) as u8);
+                } else if linux && (port == cmos::PORT_INDEX || port == cmos::PORT_DATA) {
+                    data[0] = ctx.cmos.lock().expect("cmos lock").read(port);
                 } else if linux && matches!(port, 0x60 | 0x64 | SLEEP_STATUS_PORT) {
                     // Empty keyboard controller, no sleep in progress.
                     data.fill(0);

@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::acpi::{AcpiError, AcpiTables};
 use crate::builtin::{self, BuiltinBoot, BuiltinError};
+use crate::cmos::Cmos;
 use crate::config::{ConsoleTarget, VmConfig};
 use crate::cpuid::{CpuTopology, CpuidError};
 use crate::host_stream;
@@ -196,7 +197,11 @@ impl Vmm {
                     .unwrap_or_default()
             })
             .collect();
-        let ram = GuestRam::new(layout, config.backing, &prefault_cpus)?;
+        let ram = GuestRam::new(
+            layout,
+            config.backing,
+            config.prefault.then_some(&prefault_cpus[..]),
+        )?;
         let vm = kvm.create_vm().map_err(|e| VmmError::Kvm("create VM", e))?;
         if config.kernel.is_some() {
             // Linux wants the PC's interrupt controllers and timer; the built-in guest has no
@@ -360,7 +365,6 @@ impl Vmm {
             GuestKind::Builtin
         };
         let layout = &plan.layout;
-        let placement = ram.placement(layout)?;
         if let Some(p) = &plan.pins {
             // The VMM's own threads keep off the vCPUs' CPUs where the host allows.
             let _ = numa::set_thread_affinity(&p.vmm_cpus);
@@ -384,6 +388,7 @@ impl Vmm {
         let run_start = Instant::now();
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         let n = vcpus.len();
+        let cmos = Arc::new(Mutex::new(Cmos::default()));
         for (i, fd) in vcpus.into_iter().enumerate() {
             let ctx = VcpuContext {
                 index: i as u32,
@@ -391,6 +396,7 @@ impl Vmm {
                 pin: plan.pins.as_ref().map(|p| p.vcpu_cpus[i]),
                 mem: ram.memory().clone(),
                 console: console.clone(),
+                cmos: cmos.clone(),
                 stop: stop.clone(),
                 events: tx.clone(),
                 first_report: first_report.clone(),
@@ -492,7 +498,10 @@ impl Vmm {
         drop(_vm);
         signals.finish();
         let run_ms = ms(run_start.elapsed());
-        let vmm_overhead_bytes = crate::rss::overhead_bytes(layout.memory_bytes());
+        // At the end, so pages the guest faulted in itself are counted too.
+        let placement = ram.placement(layout)?;
+        let resident_bytes = ram.resident_bytes().ok();
+        let vmm_overhead_bytes = resident_bytes.and_then(crate::rss::overhead_bytes);
 
         let guest_topology = topology.as_deref().map(GuestTopology::new);
         // A Linux guest's view is checked from inside it (numactl, sysfs); the built-in guest
@@ -555,7 +564,7 @@ impl Vmm {
             (Some(g), Some(h)) => Some(report::ratio(g, h)),
             _ => None,
         };
-        let prefault_ms = ms(ram.prefault_time);
+        let prefault_ms = ram.prefault_time.map_or(0.0, ms);
         let first = [first_output.get(), first_report.get()]
             .into_iter()
             .flatten()
@@ -574,7 +583,9 @@ impl Vmm {
             memory: MemoryOut {
                 backing: ram.backing,
                 huge_pages: ram.huge_pages,
+                prefault: ram.prefault_time.is_some(),
                 prefault_ms,
+                resident_bytes,
                 all_local: placement.iter().all(|p| p.all_local()),
                 placement,
             },
