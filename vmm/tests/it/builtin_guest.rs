@@ -321,3 +321,45 @@ fn hugetlbfs_backing_runs_and_a_short_pool_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn without_the_prefault_the_guest_faults_its_pages_in_on_their_nodes() {
+    if !kvm_or_skip("without_the_prefault_the_guest_faults_its_pages_in_on_their_nodes") {
+        return;
+    }
+    let memory: u64 = 256 << 20;
+    let run = |prefault: &str| {
+        let (code, j, stderr) = crate::common::run_json(
+            &[
+                "--numa-nodes",
+                "2",
+                "--vcpus",
+                "2",
+                "--memory",
+                "256M",
+                "--passes",
+                "2",
+                "--prefault",
+                prefault,
+            ],
+            LIMIT,
+        );
+        assert_eq!(code, Some(0), "--prefault {prefault}: {stderr}");
+        assert_eq!(j["stream"]["validated"], true);
+        j["memory"].clone()
+    };
+    let on = run("on");
+    assert_eq!(on["prefault"], true);
+    assert_eq!(on["resident_bytes"].as_u64(), Some(memory), "{on:#}");
+    let off = run("off");
+    assert_eq!(off["prefault"], false, "{off:#}");
+    assert_eq!(off["prefault_ms"].as_f64(), Some(0.0));
+    // The guest touched its STREAM arrays (most of its RAM), not all of it, and every resident
+    // page it faulted in sits on its vnode's host node.
+    let resident = off["resident_bytes"].as_u64().unwrap();
+    assert!(resident > memory / 2 && resident < memory, "{off:#}");
+    assert_eq!(off["all_local"], true, "{off:#}");
+    for p in off["placement"].as_array().unwrap() {
+        assert!(p["sampled"].as_u64().unwrap() > 0, "{p}");
+    }
+}
