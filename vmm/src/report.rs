@@ -345,6 +345,9 @@ pub struct MemoryOut {
 /// Timing of the run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TimingOut {
+    /// From `vmm` start to the first vCPU starting (planning, guest RAM, prefault, tables,
+    /// loading the guest), ms.
+    pub setup_ms: f64,
     /// From `vmm` start to the guest's first console byte or report, ms.
     pub first_output_ms: Option<f64>,
     /// The same, less the prefault time (what a VMM adds on its own), ms.
@@ -517,7 +520,8 @@ impl RunReport {
         if let Some(first) = t.first_output_ms {
             let _ = writeln!(
                 o,
-                "timing: first guest output {first:.1} ms after start ({:.1} ms without the {:.1} ms prefault), run {:.0} ms, total {:.0} ms",
+                "timing: set-up {:.1} ms, first guest output {first:.1} ms after start ({:.1} ms without the {:.1} ms prefault), run {:.0} ms, total {:.0} ms",
+                t.setup_ms,
                 t.first_output_less_prefault_ms.unwrap_or(first),
                 t.prefault_ms,
                 t.run_ms,

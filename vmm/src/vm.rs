@@ -604,6 +604,7 @@ impl Vmm {
             host_stream,
             ratio,
             timing: TimingOut {
+                setup_ms: ms(run_start.duration_since(started)),
                 first_output_ms: first,
                 first_output_less_prefault_ms: first.map(|f| (f - prefault_ms).max(0.0)),
                 prefault_ms,
