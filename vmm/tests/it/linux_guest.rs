@@ -74,6 +74,9 @@ const RUN_LIMIT: u32 = 240;
 /// The whole route: image builds (static `vmm` and guest-stream on a clean clone included), the
 /// L1 boot and every run.
 const ROUTE_LIMIT: Duration = Duration::from_secs(1200);
+/// What the nested route keeps of its time for building L1's image before QEMU starts (static
+/// builds of vmm and guest-stream on a clean clone).
+const L1_BUILD_MARGIN: Duration = Duration::from_secs(300);
 /// What the guest kernel may keep of a node's RAM out of its MemTotal and "Early memory node
 /// ranges" (the real-mode area, the BIOS hole, firmware tables).
 const RAM_SLACK: u64 = 4 << 20;
@@ -296,13 +299,17 @@ fn run_route(route: Route) -> Result<Checks, String> {
             script
                 .write_all(text.as_bytes())
                 .map_err(|e| e.to_string())?;
+            // Both attempts together stay within ROUTE_LIMIT (L1's image build included).
+            let end = Instant::now() + ROUTE_LIMIT;
             let nested = || {
+                let left = end.saturating_duration_since(Instant::now());
+                let l1_limit = left.saturating_sub(L1_BUILD_MARGIN).as_secs().max(60);
                 let mut cmd = Command::new("bash");
                 cmd.arg(repo().join("ci/nested/run.sh"))
                     .arg("--script")
                     .arg(script.path())
-                    .args(["--with-qemu", "--timeout", "900"]);
-                run_bounded(cmd, ROUTE_LIMIT)
+                    .args(["--with-qemu", "--timeout", &l1_limit.to_string()]);
+                run_bounded(cmd, left)
             };
             match nested()? {
                 // run.sh: 125 when L1 ended without reporting the script's status (L1 itself,
