@@ -4,6 +4,8 @@
 # Linux, our vmm: same kernel, initramfs, 2 vCPUs, 512 MiB. Run inside L1 on the nested route,
 #   ci/nested/run.sh --script ci/nested/boot-times.sh --with-qemu
 # or directly where /dev/kvm runs real guests, with VMM, QEMU, L2_KERNEL and L2_STREAM set.
+# vmm runs twice per round: with --prefault off (as QEMU, which faults guest RAM in lazily) and
+# with its default prefault ("vmm-prefault").
 # Times come from /proc/uptime (10 ms steps). RUNS (default 3) rounds, one line per boot:
 #   BOOT <vmm> run=<i> init_s=<start to /init> guest_s=<the guest kernel's uptime at /init>
 #        exit_s=<start to exit> rc=<exit status> [rss_mib=<vmm: RSS beyond guest RAM>]
@@ -52,8 +54,12 @@ while [ "$i" -le "$RUNS" ]; do
     boot qemu-q35 "$i" qemu q35
     boot qemu-microvm "$i" qemu microvm
     if [ -n "${VMM:-}" ] && "$VMM" --help 2>/dev/null | grep -qE -- '^ +--kernel '; then
-        boot vmm "$i" "$VMM" --json --kernel "$L2_KERNEL" --initramfs "$L2_STREAM" --cmdline "$CMD" \
-            --numa-nodes 1 --vcpus 2 --memory 512M
+        # Like for like with QEMU's default (no -mem-prealloc): guest RAM faulted in by the guest.
+        boot vmm "$i" "$VMM" --json --prefault off --kernel "$L2_KERNEL" --initramfs "$L2_STREAM" \
+            --cmdline "$CMD" --numa-nodes 1 --vcpus 2 --memory 512M
+        # vmm's default: all guest RAM faulted in on its node first.
+        boot vmm-prefault "$i" "$VMM" --json --kernel "$L2_KERNEL" --initramfs "$L2_STREAM" \
+            --cmdline "$CMD" --numa-nodes 1 --vcpus 2 --memory 512M
     fi
     i=$((i + 1))
 done
