@@ -13,6 +13,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo "L2-MARKER-BOOTED uptime=$(cut -d' ' -f1 /proc/uptime) kernel=$(uname -r) nproc=$(nproc)"
 echo "L2-HYPERVISOR $(dmesg | grep -o 'Hypervisor detected: .*' | head -1)"
+# The PC's CMOS clock as the guest found it (rtc-cmos) and the guest's own clock, in seconds.
+echo "L2-RTC name=$(cat /sys/class/rtc/rtc0/name 2>/dev/null || echo none) since_epoch=$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null || echo none) date=$(date +%s)"
 echo "L2-NUMACTL-BEGIN"
 numactl -H
 echo "L2-NUMACTL-END rc=$?"

@@ -330,6 +330,14 @@ fn run_route(route: Route) -> Result<Checks, String> {
             }
         }
     };
+    // The whole output, for reading after a failure (cargo's target directory).
+    let log = repo().join("target/linux-guest-route.log");
+    let _ = std::fs::write(&log, format!("status {rc:?}\n{out}\nstderr:\n{err}"));
+    let _ = writeln!(
+        std::io::stderr(),
+        "linux_guest: the route's output is in {}",
+        log.display()
+    );
     let sections = parse_sections(&out);
     if sections.is_empty() || rc.is_none() {
         return Err(format!(
@@ -533,6 +541,7 @@ fn check_guest_view(name: &str, s: &Section, layout: &Layout) {
         console.iter().any(|l| l.contains("L2-POWEROFF")),
         "{name}: the guest did not power off\n{text}"
     );
+    check_rtc(name, &console);
     let n = layout.vnodes.len();
 
     // numactl -H in the guest: the planned nodes, CPUs, sizes and distances.
@@ -621,6 +630,35 @@ fn check_guest_view(name: &str, s: &Section, layout: &Layout) {
 
 /// Seen from the host while the guest ran: vCPU threads and vnode memory where `pins` and
 /// `layout` put them.
+/// The guest has a CMOS clock (rtc-cmos registered rtc0) that reads the host's time, and its own
+/// clock agrees with it.
+fn check_rtc(name: &str, console: &[&str]) {
+    let line = console
+        .iter()
+        .find_map(|l| l.split("L2-RTC ").nth(1))
+        .unwrap_or_else(|| panic!("{name}: no L2-RTC line"));
+    let field = |k: &str| {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(k))
+            .unwrap_or("none")
+    };
+    assert!(field("name=").contains("rtc_cmos"), "{name}: {line}");
+    let rtc: u64 = field("since_epoch=")
+        .parse()
+        .unwrap_or_else(|_| panic!("{name}: {line}"));
+    let date: u64 = field("date=").parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The guest ran at most the route's time ago.
+    assert!(
+        rtc <= now + 60 && rtc + ROUTE_LIMIT.as_secs() + 60 >= now,
+        "{name}: RTC reads {rtc}, the host {now}: {line}"
+    );
+    assert!(rtc.abs_diff(date) <= 60, "{name}: {line}");
+}
+
 fn check_placement(name: &str, s: &Section, layout: &Layout, pins: &PinPlan) {
     let text = s.text();
     let n = layout.vnodes.len();
