@@ -1,10 +1,11 @@
 //! AF_PACKET raw sockets bound to one interface and one EtherType (the fd wrapper: all of the
 //! crate's `unsafe` lives here).
 //!
-//! Plain `send`/`recv` with `ppoll` for waiting: `fabric-anchors.md` §2.1 measured 12.6 µs RTT
-//! with blocking recv, and a TPACKET_V3 ring adds 1–8 ms of block latency, so control traffic does
-//! not use one. `ppoll` is hrtimer-based (SO_RCVTIMEO is jiffy-based: 4 ms here), which the 1 ms
-//! retransmission floor needs.
+//! Plain `send`/`recv` (and `recvmmsg` for batches) with `ppoll` for waiting:
+//! `fabric-anchors.md` §2.1 measured 12.6 µs RTT with blocking recv, and a TPACKET_V3 ring adds
+//! 1–8 ms of block latency, so control traffic does not use one. Timers are a [`Timer`]
+//! (timerfd, hrtimer-based; SO_RCVTIMEO is jiffy-based: 4 ms here) polled with the sockets, which
+//! the 1 ms retransmission floor needs.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -223,6 +224,128 @@ impl PacketSocket {
             }
             return Ok(Some(r.unsigned_abs()));
         }
+    }
+}
+
+/// Frames one [`PacketSocket::recv_batch`] call can return.
+pub const BATCH: usize = 16;
+/// Room for one frame in a batch (a full Ethernet frame plus a VLAN tag).
+const BATCH_FRAME: usize = 1536;
+
+/// Buffers for [`PacketSocket::recv_batch`].
+#[derive(Debug)]
+pub struct RecvBatch {
+    bufs: Vec<[u8; BATCH_FRAME]>,
+    lens: [usize; BATCH],
+    n: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> RecvBatch {
+        RecvBatch {
+            bufs: vec![[0u8; BATCH_FRAME]; BATCH],
+            lens: [0; BATCH],
+            n: 0,
+        }
+    }
+}
+
+impl RecvBatch {
+    /// The frames of the last [`PacketSocket::recv_batch`] (frames this host sent skipped).
+    pub fn frames(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        self.bufs
+            .iter_mut()
+            .zip(self.lens)
+            .take(self.n)
+            .filter(|(_, len)| *len > 0)
+            .map(|(b, len)| &mut b[..len])
+    }
+}
+
+impl PacketSocket {
+    /// Receives up to [`BATCH`] waiting frames in one `recvmmsg` call without blocking; returns
+    /// how many were taken off the socket (0: none waiting). One call instead of one `recvfrom`
+    /// per frame plus the one that finds the queue empty.
+    pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.n = 0;
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addrs: [libc::sockaddr_ll; BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: batch.bufs[i].as_mut_ptr().cast(),
+            iov_len: BATCH_FRAME,
+        });
+        // SAFETY: mmsghdr is plain data; all-zero is a valid value.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for ((m, iov), addr) in msgs.iter_mut().zip(iovs.iter_mut()).zip(addrs.iter_mut()) {
+            m.msg_hdr.msg_name = (addr as *mut libc::sockaddr_ll).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let n = loop {
+            // SAFETY: `msgs` holds BATCH headers whose name and iovec pointers point into
+            // `addrs`, `iovs` and `batch.bufs`, all live and writable for the call; a null
+            // timeout is allowed.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break r.unsigned_abs() as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        };
+        for (i, (m, addr)) in msgs.iter().zip(addrs.iter()).take(n).enumerate() {
+            let outgoing = addr.sll_pkttype == libc::PACKET_OUTGOING;
+            batch.lens[i] = if outgoing { 0 } else { m.msg_len as usize };
+        }
+        batch.n = n;
+        Ok(n)
+    }
+}
+
+/// A one-shot monotonic timer whose fd is polled with the sockets (timerfd).
+///
+/// Waiting with a `ppoll` timeout arms and cancels an hrtimer on every wait; on a virtual
+/// machine each of those reprograms the TSC-deadline timer (a VM exit), which cost about 6 µs
+/// per wait here. A timer that stays armed across waits and is moved only when an earlier
+/// deadline appears does that once per deadline instead of once per frame.
+#[derive(Debug)]
+pub struct Timer {
+    fd: vmm_sys_util::timerfd::TimerFd,
+}
+
+impl Timer {
+    /// A disarmed timer.
+    pub fn new() -> io::Result<Timer> {
+        let fd = vmm_sys_util::timerfd::TimerFd::new().map_err(io::Error::from)?;
+        Ok(Timer { fd })
+    }
+
+    /// Fires once after `after` (which must not be zero: zero disarms).
+    pub fn arm(&mut self, after: Duration) -> io::Result<()> {
+        self.fd.reset(after, None).map_err(io::Error::from)
+    }
+
+    /// Consumes an expiry; call only when the fd polled readable (it blocks otherwise).
+    pub fn consume(&mut self) -> io::Result<()> {
+        self.fd.wait().map(|_| ()).map_err(io::Error::from)
+    }
+}
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use serde_json::Value;
@@ -226,14 +226,12 @@ fn link_supervision_detects_a_downed_veth_within_t_and_recovers() {
     let ping = Proc::spawn(c, "ping");
     d.wait_for("peer up: ctl-", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
-    let cut = Instant::now();
     a.ip(&["link", "set", &ia, "down"]);
-    let down = d.wait_for("down: silent for", Duration::from_secs(5));
-    let detect = down.duration_since(cut);
-    println!(
-        "veth pulled down: detected after {} ms (T = {t_ms} ms)",
-        detect.as_millis()
-    );
+    // Taken once `ip` has returned: no frame can arrive after this.
+    let cut = SystemTime::now();
+    // Log delivery only sequences the test; the timing below comes from the daemon's own
+    // record of the detection.
+    d.wait_for("down: silent for", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(300));
     let up_at = Instant::now();
     a.ip(&["link", "set", &ia, "up"]);
@@ -276,10 +274,38 @@ fn link_supervision_detects_a_downed_veth_within_t_and_recovers() {
     let s = stats(&a, &ia, &key, "hostb");
     assert_eq!(s["requests"]["executed"], r["completed"], "{s}");
     assert_eq!(s["requests"]["duplicates"], 0);
-    // A downed veth means no frame at all: detection is bounded by T (plus scheduling).
+    // The daemon's own record of the detection (its endpoint clock, reported in `stats`):
+    // the link is declared down when the timer armed for last-frame-heard + T fires. The
+    // tolerance is how late a woken process may run on a shared, loaded 2-vCPU machine.
+    const WAKE_TOLERANCE_US: u64 = 5_000;
+    let t_us = t_ms * 1000;
+    let origin = s["clock_origin_unix_us"].as_u64().unwrap();
+    let down = s["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|l| l["last_down"].as_object().cloned())
+        .unwrap_or_else(|| panic!("no link-down record in {s}"));
+    let (heard, detected, silence) = (
+        down["last_heard_us"].as_u64().unwrap(),
+        down["detected_us"].as_u64().unwrap(),
+        down["silence_us"].as_u64().unwrap(),
+    );
+    let cut_us = cut.duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+    let after_cut = (origin + detected).saturating_sub(cut_us);
+    println!(
+        "veth pulled down: declared down {silence} µs after the last frame heard, \
+         {after_cut} µs after the cut (T = {t_us} µs)"
+    );
+    assert_eq!(silence, detected - heard);
     assert!(
-        detect <= Duration::from_millis(t_ms + 20),
-        "detected after {detect:?}, T = {t_ms} ms"
+        (t_us..=t_us + WAKE_TOLERANCE_US).contains(&silence),
+        "down after {silence} µs of silence, T = {t_us} µs"
+    );
+    // Measured from the cut instead (wall clocks of two processes on one machine).
+    assert!(
+        after_cut <= t_us + WAKE_TOLERANCE_US,
+        "down {after_cut} µs after the cut, T = {t_us} µs"
     );
 }
 
@@ -388,11 +414,7 @@ fn vm_create_list_destroy_through_the_cli() {
                 "CI builds the whole workspace, so target/<profile>/vmm must exist"
             );
             let path = dir.path().join("vmm-stand-in");
-            std::fs::write(
-                &path,
-                "#!/bin/sh\necho \"STAND-IN vmm $*\"\nexec sleep 60\n",
-            )
-            .unwrap();
+            std::fs::write(&path, "#!/bin/sh\necho \"STAND-IN vmm $*\"\nsleep 60\n").unwrap();
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
                 .unwrap();
             println!(
