@@ -195,6 +195,49 @@ impl PacketSocket {
     /// Receives one frame without blocking: `Ok(None)` when none is waiting. Frames this host
     /// sent (`PACKET_OUTGOING`, seen on `ETH_P_ALL` sockets) are skipped.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.recv_flags(buf, libc::MSG_DONTWAIT)
+    }
+
+    /// Makes the socket blocking (no O_NONBLOCK) with [`PacketSocket::recv_blocking`] waiting
+    /// at most `timeout` (None: forever). SO_RCVTIMEO is a timer-wheel timeout: no hrtimer is
+    /// armed per wait, and it has jiffy resolution (it rounds up to a tick).
+    pub fn set_blocking(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: fcntl on our own live descriptor with integer arguments.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let t = timeout.unwrap_or_default();
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(t.subsec_micros() as i32),
+        };
+        // SAFETY: `tv` is a live timeval and the length passed is its size; the kernel only
+        // reads it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one frame, sleeping in `recvfrom` (after [`PacketSocket::set_blocking`]) until
+    /// one arrives or the timeout passes (`Ok(None)`).
+    pub fn recv_blocking(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.recv_flags(buf, 0)
+    }
+
+    fn recv_flags(&self, buf: &mut [u8], flags: i32) -> io::Result<Option<usize>> {
         loop {
             // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -206,7 +249,7 @@ impl PacketSocket {
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
-                    libc::MSG_DONTWAIT,
+                    flags,
                     (&mut sll as *mut libc::sockaddr_ll).cast(),
                     &mut len,
                 )
