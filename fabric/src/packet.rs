@@ -477,5 +477,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ready, vec![false]);
+        let mut batch = RecvBatch::default();
+        assert_eq!(s.recv_batch(&mut batch).unwrap(), 0);
+        assert_eq!(batch.frames().count(), 0);
+    }
+
+    #[test]
+    fn timer_fires_once_when_armed() {
+        let mut t = Timer::new().unwrap();
+        let fd = [t.as_raw_fd()];
+        let wait = |ms| wait_readable(&fd, libc::POLLIN, Some(Duration::from_millis(ms))).unwrap();
+        assert_eq!(wait(5), vec![false], "a new timer is disarmed");
+        t.arm(Duration::from_millis(2)).unwrap();
+        assert_eq!(wait(1000), vec![true]);
+        t.consume().unwrap();
+        assert_eq!(wait(5), vec![false], "one-shot: consumed and not re-armed");
+    }
+
+    #[test]
+    fn batch_receives_frames_sent_on_loopback() {
+        // Frames sent on `lo` come back as incoming on a socket of the same EtherType.
+        let s = PacketSocket::open("lo", 0x88B4).unwrap();
+        let mut f = [0u8; 60];
+        f[12..14].copy_from_slice(&0x88B4u16.to_be_bytes());
+        for i in 0..3u8 {
+            f[14] = i;
+            s.send(&f).unwrap();
+        }
+        let mut batch = RecvBatch::default();
+        let n = s.recv_batch(&mut batch).unwrap();
+        let got: Vec<u8> = batch.frames().map(|b| b[14]).collect();
+        assert!(n >= 3, "{n}");
+        assert!(
+            got.starts_with(&[0, 1, 2]) || got.ends_with(&[0, 1, 2]),
+            "{got:?}"
+        );
     }
 }
