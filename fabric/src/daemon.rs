@@ -71,6 +71,8 @@ impl Daemon {
             Verb::Stats => Ok(json!({
                 "name": self.name,
                 "fabric": self.node.ep().stats(),
+                "links": self.node.ep().links(),
+                "clock_origin_unix_us": self.node.clock_origin_unix_us(),
                 "requests": self.exec_stats,
                 "vms": self.vms.len(),
                 "monitor": self.aggregator.as_ref().map(|a| a.stats()),

@@ -135,6 +135,30 @@ pub struct Stats {
     pub probes: u64,
 }
 
+/// The state of the link to one peer, times on the endpoint's clock (µs).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStatus {
+    /// The peer.
+    pub peer: PeerInfo,
+    /// Whether the link is up.
+    pub up: bool,
+    /// When the last authenticated frame from the peer arrived.
+    pub last_heard_us: u64,
+    /// The latest time the link was declared down, if ever.
+    pub last_down: Option<LinkDown>,
+}
+
+/// One link-down detection (see [`LinkStatus`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LinkDown {
+    /// When the last frame before the silence arrived.
+    pub last_heard_us: u64,
+    /// When the link was declared down.
+    pub detected_us: u64,
+    /// `detected_us - last_heard_us`: the silence it took (T plus how late the check ran).
+    pub silence_us: u64,
+}
+
 #[derive(Debug)]
 struct Peer {
     info: PeerInfo,
@@ -142,6 +166,7 @@ struct Peer {
     up: bool,
     last_rx: u64,
     last_probe: u64,
+    last_down: Option<LinkDown>,
     tx: Tx,
     rx: Rx,
     /// Fragments of a message being reassembled.
@@ -215,6 +240,27 @@ impl Endpoint {
             .map(|p| (p.info.clone(), p.up))
             .collect();
         v.sort_by(|a, b| a.0.name.cmp(&b.0.name).then(a.0.id.cmp(&b.0.id)));
+        v
+    }
+
+    /// The links to every known peer, by name.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        let mut v: Vec<_> = self
+            .peers
+            .values()
+            .map(|p| LinkStatus {
+                peer: p.info.clone(),
+                up: p.up,
+                last_heard_us: p.last_rx,
+                last_down: p.last_down,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            a.peer
+                .name
+                .cmp(&b.peer.name)
+                .then(a.peer.id.cmp(&b.peer.id))
+        });
         v
     }
 
@@ -427,6 +473,7 @@ impl Endpoint {
                         up: true,
                         last_rx: now,
                         last_probe: now,
+                        last_down: None,
                         tx: Tx::new(cfg),
                         rx: Rx::new(cfg),
                         partial: Vec::new(),
@@ -548,6 +595,11 @@ impl Endpoint {
             let silent = now.saturating_sub(p.last_rx);
             if p.up && silent >= t {
                 p.up = false;
+                p.last_down = Some(LinkDown {
+                    last_heard_us: p.last_rx,
+                    detected_us: now,
+                    silence_us: silent,
+                });
                 self.stats.links_down += 1;
                 log::warn!(
                     "link to {} ({}) down: silent for {} ms",

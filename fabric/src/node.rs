@@ -1,5 +1,7 @@
 //! An [`Endpoint`] driven by real sockets and a real clock: the event loop shared by `fabricd`,
-//! the CLI and the bench. One thread, `ppoll` with the endpoint's next timeout.
+//! the CLI and the bench. One thread: `ppoll` on both sockets and a [`Timer`] kept armed for the
+//! endpoint's next timeout (moved only when an earlier one appears), so a round trip costs one
+//! `ppoll`, one `recvmmsg` and one `sendto` per side and no timer set-up.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -9,8 +11,8 @@ use thiserror::Error;
 
 use crate::auth::{self, AuthError, KeyFile, Keyring, Sealer};
 use crate::endpoint::{Config, Endpoint, Event};
-use crate::frame::{ETHERTYPE_CONTROL, ETHERTYPE_MONITOR, MAX_FRAME_LEN};
-use crate::packet::{self, PacketError, PacketSocket};
+use crate::frame::{ETHERTYPE_CONTROL, ETHERTYPE_MONITOR};
+use crate::packet::{self, PacketError, PacketSocket, RecvBatch, Timer};
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -36,10 +38,15 @@ pub struct Node {
     ctl: PacketSocket,
     mon: PacketSocket,
     start: Instant,
+    /// [`Node::now`]'s zero on the wall clock, µs since the Unix epoch.
+    start_unix_us: u64,
     key_path: PathBuf,
     key_mtime: Option<SystemTime>,
     next_key_check: Instant,
-    buf: Vec<u8>,
+    batch: RecvBatch,
+    timer: Timer,
+    /// When `timer` fires (µs on [`Node::now`]'s clock), if armed.
+    armed: Option<u64>,
 }
 
 fn mtime(p: &Path) -> Option<SystemTime> {
@@ -52,11 +59,12 @@ impl Node {
         let keys = KeyFile::load(key_file)?;
         let ctl = PacketSocket::open(iface, ETHERTYPE_CONTROL)?;
         let mon = PacketSocket::open(iface, ETHERTYPE_MONITOR)?;
+        let timer = Timer::new().map_err(|e| NodeError::Io(iface.into(), e))?;
+        let start = Instant::now();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let sealer = Sealer::new(auth::random_id()?, wall, auth::preferred_alg());
-        let start = Instant::now();
+            .unwrap_or_default();
+        let sealer = Sealer::new(auth::random_id()?, wall.as_secs(), auth::preferred_alg());
         let ep = Endpoint::new(cfg, ctl.mac(), Keyring::new(&keys), sealer, 0);
         log::info!(
             "fabric node on {iface} ({}), sender id {:08x}, {:?}, key epochs up to {}",
@@ -70,16 +78,24 @@ impl Node {
             ctl,
             mon,
             start,
+            start_unix_us: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
             key_path: key_file.to_path_buf(),
             key_mtime: mtime(key_file),
             next_key_check: start + KEY_RELOAD_EVERY,
-            buf: vec![0u8; MAX_FRAME_LEN + 64],
+            batch: RecvBatch::default(),
+            timer,
+            armed: None,
         })
     }
 
     /// Microseconds since the node started (the endpoint's clock).
     pub fn now(&self) -> u64 {
         u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Where [`Node::now`] counts from, in µs since the Unix epoch (to report its times).
+    pub fn clock_origin_unix_us(&self) -> u64 {
+        self.start_unix_us
     }
 
     /// The endpoint.
@@ -135,6 +151,18 @@ impl Node {
         }
     }
 
+    /// Makes the timer fire by `wake` (> `now`): kept if it already fires at or before it.
+    fn arm(&mut self, wake: u64, now: u64) -> Result<(), NodeError> {
+        if self.armed.is_some_and(|a| a <= wake) {
+            return Ok(());
+        }
+        self.timer
+            .arm(Duration::from_micros(wake - now))
+            .map_err(|e| NodeError::Io("timerfd".into(), e))?;
+        self.armed = Some(wake);
+        Ok(())
+    }
+
     /// Waits for frames or the next timer, at most until `deadline` (µs on [`Node::now`]'s
     /// clock), handles them, and transmits what is due. Events are left for `poll_event`.
     pub fn step(&mut self, deadline: u64) -> Result<(), NodeError> {
@@ -145,23 +173,41 @@ impl Node {
             .next_timeout()
             .min(deadline)
             .min(now + KEY_RELOAD_EVERY.as_micros() as u64);
-        let timeout = Duration::from_micros(wake.saturating_sub(now));
-        let fds = [self.ctl.as_raw_fd(), self.mon.as_raw_fd()];
-        let ready = packet::wait_readable(&fds, libc::POLLIN, Some(timeout))
-            .map_err(|e| NodeError::Io(self.ctl.iface().into(), e))?;
-        for (i, r) in ready.into_iter().enumerate() {
+        let fds = [
+            self.ctl.as_raw_fd(),
+            self.mon.as_raw_fd(),
+            self.timer.as_raw_fd(),
+        ];
+        let ready = if wake <= now {
+            packet::wait_readable(&fds[..2], libc::POLLIN, Some(Duration::ZERO))
+        } else {
+            self.arm(wake, now)?;
+            packet::wait_readable(&fds, libc::POLLIN, None)
+        }
+        .map_err(|e| NodeError::Io(self.ctl.iface().into(), e))?;
+        if ready.get(2) == Some(&true) {
+            self.armed = None;
+            self.timer
+                .consume()
+                .map_err(|e| NodeError::Io("timerfd".into(), e))?;
+        }
+        for (i, &r) in ready.iter().take(2).enumerate() {
             if !r {
                 continue;
             }
             let sock = if i == 0 { &self.ctl } else { &self.mon };
             // Bounded so one busy socket cannot starve the timers.
-            for _ in 0..256 {
-                match sock.recv(&mut self.buf) {
-                    Ok(Some(n)) => {
+            for _ in 0..16 {
+                match sock.recv_batch(&mut self.batch) {
+                    Ok(n) => {
                         let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(0);
-                        self.ep.handle_frame(now, &mut self.buf[..n]);
+                        for f in self.batch.frames() {
+                            self.ep.handle_frame(now, f);
+                        }
+                        if n < packet::BATCH {
+                            break;
+                        }
                     }
-                    Ok(None) => break,
                     // The interface went down (ENETDOWN is reported once per socket): the
                     // link supervision notices the silence; keep running.
                     Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {

@@ -1,10 +1,11 @@
 //! AF_PACKET raw sockets bound to one interface and one EtherType (the fd wrapper: all of the
 //! crate's `unsafe` lives here).
 //!
-//! Plain `send`/`recv` with `ppoll` for waiting: `fabric-anchors.md` §2.1 measured 12.6 µs RTT
-//! with blocking recv, and a TPACKET_V3 ring adds 1–8 ms of block latency, so control traffic does
-//! not use one. `ppoll` is hrtimer-based (SO_RCVTIMEO is jiffy-based: 4 ms here), which the 1 ms
-//! retransmission floor needs.
+//! Plain `send`/`recv` (and `recvmmsg` for batches) with `ppoll` for waiting:
+//! `fabric-anchors.md` §2.1 measured 12.6 µs RTT with blocking recv, and a TPACKET_V3 ring adds
+//! 1–8 ms of block latency, so control traffic does not use one. Timers are a [`Timer`]
+//! (timerfd, hrtimer-based; SO_RCVTIMEO is jiffy-based: 4 ms here) polled with the sockets, which
+//! the 1 ms retransmission floor needs.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -194,6 +195,49 @@ impl PacketSocket {
     /// Receives one frame without blocking: `Ok(None)` when none is waiting. Frames this host
     /// sent (`PACKET_OUTGOING`, seen on `ETH_P_ALL` sockets) are skipped.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.recv_flags(buf, libc::MSG_DONTWAIT)
+    }
+
+    /// Makes the socket blocking (no O_NONBLOCK) with [`PacketSocket::recv_blocking`] waiting
+    /// at most `timeout` (None: forever). SO_RCVTIMEO is a timer-wheel timeout: no hrtimer is
+    /// armed per wait, and it has jiffy resolution (it rounds up to a tick).
+    pub fn set_blocking(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: fcntl on our own live descriptor with integer arguments.
+        let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let t = timeout.unwrap_or_default();
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(t.subsec_micros() as i32),
+        };
+        // SAFETY: `tv` is a live timeval and the length passed is its size; the kernel only
+        // reads it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives one frame, sleeping in `recvfrom` (after [`PacketSocket::set_blocking`]) until
+    /// one arrives or the timeout passes (`Ok(None)`).
+    pub fn recv_blocking(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.recv_flags(buf, 0)
+    }
+
+    fn recv_flags(&self, buf: &mut [u8], flags: i32) -> io::Result<Option<usize>> {
         loop {
             // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -205,7 +249,7 @@ impl PacketSocket {
                     self.fd.as_raw_fd(),
                     buf.as_mut_ptr().cast(),
                     buf.len(),
-                    libc::MSG_DONTWAIT,
+                    flags,
                     (&mut sll as *mut libc::sockaddr_ll).cast(),
                     &mut len,
                 )
@@ -223,6 +267,128 @@ impl PacketSocket {
             }
             return Ok(Some(r.unsigned_abs()));
         }
+    }
+}
+
+/// Frames one [`PacketSocket::recv_batch`] call can return.
+pub const BATCH: usize = 16;
+/// Room for one frame in a batch (a full Ethernet frame plus a VLAN tag).
+const BATCH_FRAME: usize = 1536;
+
+/// Buffers for [`PacketSocket::recv_batch`].
+#[derive(Debug)]
+pub struct RecvBatch {
+    bufs: Vec<[u8; BATCH_FRAME]>,
+    lens: [usize; BATCH],
+    n: usize,
+}
+
+impl Default for RecvBatch {
+    fn default() -> RecvBatch {
+        RecvBatch {
+            bufs: vec![[0u8; BATCH_FRAME]; BATCH],
+            lens: [0; BATCH],
+            n: 0,
+        }
+    }
+}
+
+impl RecvBatch {
+    /// The frames of the last [`PacketSocket::recv_batch`] (frames this host sent skipped).
+    pub fn frames(&mut self) -> impl Iterator<Item = &mut [u8]> {
+        self.bufs
+            .iter_mut()
+            .zip(self.lens)
+            .take(self.n)
+            .filter(|(_, len)| *len > 0)
+            .map(|(b, len)| &mut b[..len])
+    }
+}
+
+impl PacketSocket {
+    /// Receives up to [`BATCH`] waiting frames in one `recvmmsg` call without blocking; returns
+    /// how many were taken off the socket (0: none waiting). One call instead of one `recvfrom`
+    /// per frame plus the one that finds the queue empty.
+    pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
+        batch.n = 0;
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+        let mut addrs: [libc::sockaddr_ll; BATCH] = unsafe { std::mem::zeroed() };
+        let mut iovs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
+            iov_base: batch.bufs[i].as_mut_ptr().cast(),
+            iov_len: BATCH_FRAME,
+        });
+        // SAFETY: mmsghdr is plain data; all-zero is a valid value.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for ((m, iov), addr) in msgs.iter_mut().zip(iovs.iter_mut()).zip(addrs.iter_mut()) {
+            m.msg_hdr.msg_name = (addr as *mut libc::sockaddr_ll).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        let n = loop {
+            // SAFETY: `msgs` holds BATCH headers whose name and iovec pointers point into
+            // `addrs`, `iovs` and `batch.bufs`, all live and writable for the call; a null
+            // timeout is allowed.
+            let r = unsafe {
+                libc::recvmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs.as_mut_ptr(),
+                    BATCH as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r >= 0 {
+                break r.unsigned_abs() as usize;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        };
+        for (i, (m, addr)) in msgs.iter().zip(addrs.iter()).take(n).enumerate() {
+            let outgoing = addr.sll_pkttype == libc::PACKET_OUTGOING;
+            batch.lens[i] = if outgoing { 0 } else { m.msg_len as usize };
+        }
+        batch.n = n;
+        Ok(n)
+    }
+}
+
+/// A one-shot monotonic timer whose fd is polled with the sockets (timerfd).
+///
+/// Waiting with a `ppoll` timeout arms and cancels an hrtimer on every wait; on a virtual
+/// machine each of those reprograms the TSC-deadline timer (a VM exit), which cost about 6 µs
+/// per wait here. A timer that stays armed across waits and is moved only when an earlier
+/// deadline appears does that once per deadline instead of once per frame.
+#[derive(Debug)]
+pub struct Timer {
+    fd: vmm_sys_util::timerfd::TimerFd,
+}
+
+impl Timer {
+    /// A disarmed timer.
+    pub fn new() -> io::Result<Timer> {
+        let fd = vmm_sys_util::timerfd::TimerFd::new().map_err(io::Error::from)?;
+        Ok(Timer { fd })
+    }
+
+    /// Fires once after `after` (which must not be zero: zero disarms).
+    pub fn arm(&mut self, after: Duration) -> io::Result<()> {
+        self.fd.reset(after, None).map_err(io::Error::from)
+    }
+
+    /// Consumes an expiry; call only when the fd polled readable (it blocks otherwise).
+    pub fn consume(&mut self) -> io::Result<()> {
+        self.fd.wait().map(|_| ()).map_err(io::Error::from)
+    }
+}
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 }
 
@@ -311,5 +477,40 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ready, vec![false]);
+        let mut batch = RecvBatch::default();
+        assert_eq!(s.recv_batch(&mut batch).unwrap(), 0);
+        assert_eq!(batch.frames().count(), 0);
+    }
+
+    #[test]
+    fn timer_fires_once_when_armed() {
+        let mut t = Timer::new().unwrap();
+        let fd = [t.as_raw_fd()];
+        let wait = |ms| wait_readable(&fd, libc::POLLIN, Some(Duration::from_millis(ms))).unwrap();
+        assert_eq!(wait(5), vec![false], "a new timer is disarmed");
+        t.arm(Duration::from_millis(2)).unwrap();
+        assert_eq!(wait(1000), vec![true]);
+        t.consume().unwrap();
+        assert_eq!(wait(5), vec![false], "one-shot: consumed and not re-armed");
+    }
+
+    #[test]
+    fn batch_receives_frames_sent_on_loopback() {
+        // Frames sent on `lo` come back as incoming on a socket of the same EtherType.
+        let s = PacketSocket::open("lo", 0x88B4).unwrap();
+        let mut f = [0u8; 60];
+        f[12..14].copy_from_slice(&0x88B4u16.to_be_bytes());
+        for i in 0..3u8 {
+            f[14] = i;
+            s.send(&f).unwrap();
+        }
+        let mut batch = RecvBatch::default();
+        let n = s.recv_batch(&mut batch).unwrap();
+        let got: Vec<u8> = batch.frames().map(|b| b[14]).collect();
+        assert!(n >= 3, "{n}");
+        assert!(
+            got.starts_with(&[0, 1, 2]) || got.ends_with(&[0, 1, 2]),
+            "{got:?}"
+        );
     }
 }

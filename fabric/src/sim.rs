@@ -330,6 +330,15 @@ fn link_supervision_detects_cut_within_t_and_recovers() {
     assert_eq!(w.downs.len(), 1, "one down event");
     let detect = w.downs[0] - cut_at;
     assert!(detect <= t, "detected after {detect} µs, T = {t} µs");
+    // The timer is due at exactly last-frame-heard + T, and the record says so.
+    let down = net.nodes[0]
+        .links()
+        .into_iter()
+        .find_map(|l| l.last_down)
+        .expect("a link-down record");
+    assert_eq!(down.silence_us, t, "{down:?}");
+    assert_eq!(down.detected_us, w.downs[0]);
+    assert_eq!(down.detected_us - down.last_heard_us, t);
     // Requests issued during the outage fail with a clear error.
     let host = w.host_id.unwrap();
     let err = net.nodes[0].send(host, vec![1]).unwrap_err();

@@ -2,8 +2,8 @@
 //! "Orchestration API"). The VMM is never linked in: it is a separate binary, found by path.
 //!
 //! The command line given to the vmm: `--numa-nodes N --vcpus N --memory SIZE [--pin] --json
-//! [--kernel K [--initrd I] [--cmdline C]] [--disk D]...`; without `--kernel` it runs its
-//! built-in guest. Its stdout and stderr go to `<log dir>/<name>.log`.
+//! [--kernel K [--initrd I] [--cmdline C]] [--passes N] [--disk D]...`; without `--kernel` it
+//! runs its built-in guest (`--passes`: how many STREAM passes it runs, so how long). Its stdout and stderr go to `<log dir>/<name>.log`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,6 +66,9 @@ pub struct VmSpec {
     /// Kernel command line.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// STREAM passes of the built-in guest (the vmm's default when absent).
+    #[serde(default)]
+    pub passes: Option<u32>,
     /// Disks.
     #[serde(default)]
     pub disks: Vec<String>,
@@ -104,6 +107,9 @@ impl VmSpec {
         if self.initrd.is_some() && self.kernel.is_none() {
             return bad("an initrd needs a kernel");
         }
+        if self.passes.is_some() && self.kernel.is_some() {
+            return bad("passes are for the built-in guest, not a kernel");
+        }
         Ok(())
     }
 
@@ -130,6 +136,10 @@ impl VmSpec {
                 a.push(flag.into());
                 a.push(v.clone());
             }
+        }
+        if let Some(p) = self.passes {
+            a.push("--passes".into());
+            a.push(p.to_string());
         }
         for d in &self.disks {
             a.push("--disk".into());
@@ -389,6 +399,7 @@ mod tests {
             kernel: None,
             initrd: None,
             cmdline: None,
+            passes: None,
             disks: vec![],
             vifs: vec![],
         }
@@ -423,6 +434,11 @@ mod tests {
                 initrd: Some("i".into()),
                 ..spec("x")
             },
+            VmSpec {
+                kernel: Some("/k".into()),
+                passes: Some(3),
+                ..spec("x")
+            },
         ] {
             assert!(matches!(bad.validate(), Err(VmError::Spec(_))), "{bad:?}");
         }
@@ -432,6 +448,12 @@ mod tests {
             ..spec("x")
         };
         assert!(k.args().join(" ").ends_with("--json --kernel /k --disk /d"));
+        let p = VmSpec {
+            passes: Some(300),
+            ..spec("x")
+        };
+        p.validate().unwrap();
+        assert!(p.args().join(" ").ends_with("--pin --json --passes 300"));
     }
 
     /// `sleep` stands in for the vmm here: this unit test checks process handling only

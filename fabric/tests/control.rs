@@ -4,23 +4,13 @@
 
 mod common;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use serde_json::Value;
 
 const REQUESTS: &str = "10000";
-
-fn stats(ns: &Netns, iface: &str, key: &Path, host: &str) -> Value {
-    fabric_json(
-        ns,
-        iface,
-        key,
-        &["--json", "stats", host],
-        Duration::from_secs(20),
-    )
-}
 
 /// Controller ns A — forwarder ns M — host ns B. Loss comes from nftables in B (both
 /// directions), delay/reordering/duplication from the forwarder in M.
@@ -32,6 +22,20 @@ struct Topo {
     ib: String,
     ma: String,
     mb: String,
+    key: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Topo {
+    /// The controller in A.
+    fn ctl(&self) -> Ctl<'_> {
+        Ctl::new(&self.a, &self.ia, &self.key)
+    }
+
+    /// `fabricd` called hostb in B, monitoring off.
+    fn host(&self) -> Proc {
+        fabricd(&self.b, &self.ib, "hostb", &self.key, &NO_MONITOR)
+    }
 }
 
 fn topo() -> Topo {
@@ -40,6 +44,8 @@ fn topo() -> Topo {
     let (mb, ib) = veth(&m, &b);
     m.ip(&["link", "set", &ma, "promisc", "on"]);
     m.ip(&["link", "set", &mb, "promisc", "on"]);
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(dir.path(), "key");
     Topo {
         a,
         m,
@@ -48,6 +54,8 @@ fn topo() -> Topo {
         ib,
         ma,
         mb,
+        key,
+        dir,
     }
 }
 
@@ -110,15 +118,8 @@ fn ten_thousand_requests_exactly_once_under_impairments() {
     }
     println!("impairment: no netem in this kernel; loss by nftables random drop, delay/reordering/duplication by fabric-impair");
     let t = topo();
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path(), "key");
-    let _d = fabricd(
-        &t.b,
-        &t.ib,
-        "hostb",
-        &key,
-        &["--monitor-interval-secs", "0"],
-    );
+    let _d = t.host();
+    let ctl = t.ctl();
     let scenarios: &[(&str, u32, &[&str])] = &[
         ("1% loss", 1, &[]),
         ("10% loss", 10, &[]),
@@ -130,14 +131,10 @@ fn ten_thousand_requests_exactly_once_under_impairments() {
     for (name, loss, fwd) in scenarios {
         let mut f = forwarder(&t, fwd);
         nft_loss(&t, *loss);
-        let before = stats(&t.a, &t.ia, &key, "hostb");
+        let before = ctl.stats("hostb");
         let t0 = Instant::now();
-        let r = fabric_json(
-            &t.a,
-            &t.ia,
-            &key,
+        let r = ctl.json(
             &[
-                "--json",
                 "--timeout-ms",
                 "30000",
                 "ping",
@@ -150,7 +147,7 @@ fn ten_thousand_requests_exactly_once_under_impairments() {
             Duration::from_secs(240),
         );
         let secs = t0.elapsed().as_secs_f64();
-        let after = stats(&t.a, &t.ia, &key, "hostb");
+        let after = ctl.stats("hostb");
         let drops = if *loss > 0 { nft_drops(&t) } else { 0 };
         nft_loss(&t, 0);
         f.stop();
@@ -184,59 +181,42 @@ fn link_supervision_detects_a_downed_veth_within_t_and_recovers() {
     if !can_run() {
         return;
     }
-    let (a, b) = (Netns::new("flA"), Netns::new("flB"));
-    let (ia, ib) = veth(&a, &b);
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path(), "key");
+    let p = Pair::new("fl");
     let t_ms = 100;
-    let d = fabricd(
-        &b,
-        &ib,
+    let d = p.fabricd_b(
         "hostb",
-        &key,
-        &[
-            "--monitor-interval-secs",
-            "0",
-            "--link-tolerance-ms",
-            &t_ms.to_string(),
-        ],
+        &[&NO_MONITOR[..], &["--link-tolerance-ms", &t_ms.to_string()]].concat(),
     );
-    let cfg = dir.path().join("ctl.json");
+    let cfg = p.dir.path().join("ctl.json");
     std::fs::write(&cfg, format!("{{\"link_tolerance_ms\": {t_ms}}}")).unwrap();
     // A controller keeps the link busy: 3,000 requests, one per ms (up to 1,000 in flight),
     // 2 s timeout each.
-    let mut c = a.cmd(FABRIC);
-    c.args(["--iface", &ia, "--key-file"])
-        .arg(&key)
-        .arg("--config")
-        .arg(&cfg)
-        .args([
-            "--json",
-            "--timeout-ms",
-            "2000",
-            "ping",
-            "hostb",
-            "--count",
-            "3000",
-            "--interval-ms",
-            "1",
-            "--window",
-            "1000",
-        ]);
+    let mut c = p.ctl_a().cmd();
+    c.arg("--config").arg(&cfg).args([
+        "--json",
+        "--timeout-ms",
+        "2000",
+        "ping",
+        "hostb",
+        "--count",
+        "3000",
+        "--interval-ms",
+        "1",
+        "--window",
+        "1000",
+    ]);
     let ping = Proc::spawn(c, "ping");
     d.wait_for("peer up: ctl-", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));
-    let cut = Instant::now();
-    a.ip(&["link", "set", &ia, "down"]);
-    let down = d.wait_for("down: silent for", Duration::from_secs(5));
-    let detect = down.duration_since(cut);
-    println!(
-        "veth pulled down: detected after {} ms (T = {t_ms} ms)",
-        detect.as_millis()
-    );
+    p.a.ip(&["link", "set", &p.ia, "down"]);
+    // Taken once `ip` has returned: no frame can arrive after this.
+    let cut = SystemTime::now();
+    // Log delivery only sequences the test; the timing below comes from the daemon's own
+    // record of the detection.
+    d.wait_for("down: silent for", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(300));
     let up_at = Instant::now();
-    a.ip(&["link", "set", &ia, "up"]);
+    p.a.ip(&["link", "set", &p.ia, "up"]);
     let up = d.wait_for("peer up: ctl-", Duration::from_secs(5));
     println!(
         "veth back up: link recovered after {} ms",
@@ -273,13 +253,41 @@ fn link_supervision_detects_a_downed_veth_within_t_and_recovers() {
         "ping exits non-zero when requests failed"
     );
     // Failed requests were never executed; completed ones exactly once.
-    let s = stats(&a, &ia, &key, "hostb");
+    let s = p.ctl_a().stats("hostb");
     assert_eq!(s["requests"]["executed"], r["completed"], "{s}");
     assert_eq!(s["requests"]["duplicates"], 0);
-    // A downed veth means no frame at all: detection is bounded by T (plus scheduling).
+    // The daemon's own record of the detection (its endpoint clock, reported in `stats`):
+    // the link is declared down when the timer armed for last-frame-heard + T fires. The
+    // tolerance is how late a woken process may run on a shared, loaded 2-vCPU machine.
+    const WAKE_TOLERANCE_US: u64 = 5_000;
+    let t_us = t_ms * 1000;
+    let origin = s["clock_origin_unix_us"].as_u64().unwrap();
+    let down = s["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|l| l["last_down"].as_object().cloned())
+        .unwrap_or_else(|| panic!("no link-down record in {s}"));
+    let (heard, detected, silence) = (
+        down["last_heard_us"].as_u64().unwrap(),
+        down["detected_us"].as_u64().unwrap(),
+        down["silence_us"].as_u64().unwrap(),
+    );
+    let cut_us = cut.duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
+    let after_cut = (origin + detected).saturating_sub(cut_us);
+    println!(
+        "veth pulled down: declared down {silence} µs after the last frame heard, \
+         {after_cut} µs after the cut (T = {t_us} µs)"
+    );
+    assert_eq!(silence, detected - heard);
     assert!(
-        detect <= Duration::from_millis(t_ms + 20),
-        "detected after {detect:?}, T = {t_ms} ms"
+        (t_us..=t_us + WAKE_TOLERANCE_US).contains(&silence),
+        "down after {silence} µs of silence, T = {t_us} µs"
+    );
+    // Measured from the cut instead (wall clocks of two processes on one machine).
+    assert!(
+        after_cut <= t_us + WAKE_TOLERANCE_US,
+        "down {after_cut} µs after the cut, T = {t_us} µs"
     );
 }
 
@@ -289,15 +297,8 @@ fn hostile_frames_are_dropped_and_counted_and_the_daemon_keeps_working() {
         return;
     }
     let t = topo();
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path(), "key");
-    let _d = fabricd(
-        &t.b,
-        &t.ib,
-        "hostb",
-        &key,
-        &["--monitor-interval-secs", "0"],
-    );
+    let _d = t.host();
+    let ctl = t.ctl();
     let _f = forwarder(
         &t,
         &[
@@ -314,40 +315,27 @@ fn hostile_frames_are_dropped_and_counted_and_the_daemon_keeps_working() {
         ],
     );
     // Frames sealed with a key we do not hold (same epoch) and with an unknown epoch.
-    let other = keygen(dir.path(), "other");
-    let (code, _, err) = fabric(
-        &t.a,
-        &t.ia,
-        &other,
-        &["--wait-ms", "300", "hosts"],
-        Duration::from_secs(20),
-    );
+    let other = keygen(t.dir.path(), "other");
+    let (code, _, err) = ctl
+        .with_key(&other)
+        .run(&["--wait-ms", "300", "hosts"], Duration::from_secs(20));
     assert_eq!(code, 1);
     assert!(err.contains("no host answered"), "{err}");
     let text = std::fs::read_to_string(&other)
         .unwrap()
         .replace("epoch 1 ", "epoch 7 ");
-    let unknown = dir.path().join("epoch7");
+    let unknown = t.dir.path().join("epoch7");
     std::fs::write(&unknown, text).unwrap();
-    let _ = fabric(
-        &t.a,
-        &t.ia,
-        &unknown,
-        &["--wait-ms", "300", "hosts"],
-        Duration::from_secs(20),
-    );
+    let _ = ctl
+        .with_key(&unknown)
+        .run(&["--wait-ms", "300", "hosts"], Duration::from_secs(20));
     // Genuine traffic through the hostile forwarder still completes, exactly once.
-    let r = fabric_json(
-        &t.a,
-        &t.ia,
-        &key,
-        &[
-            "--json", "ping", "hostb", "--count", "2000", "--window", "8",
-        ],
+    let r = ctl.json(
+        &["ping", "hostb", "--count", "2000", "--window", "8"],
         Duration::from_secs(120),
     );
     assert_eq!(r["completed"], 2000, "{r}");
-    let s = stats(&t.a, &t.ia, &key, "hostb");
+    let s = ctl.stats("hostb");
     let d = &s["fabric"]["dropped"];
     println!("drops at the host: {d}");
     for k in ["forged", "replayed", "malformed", "unknown_key", "version"] {
@@ -357,73 +345,35 @@ fn hostile_frames_are_dropped_and_counted_and_the_daemon_keeps_working() {
     assert_eq!(s["requests"]["out_of_order"], 0);
 }
 
-/// The `vmm` binary of this build (`target/<profile>/vmm`, next to the `deps/` directory this
-/// test runs from), if the workspace build made it.
-fn real_vmm() -> Option<std::path::PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let path = exe.parent()?.parent()?.join("vmm");
-    path.is_file().then_some(path)
-}
-
 #[test]
 fn vm_create_list_destroy_through_the_cli() {
     if !can_run() {
         return;
     }
-    let (a, b) = (Netns::new("fvA"), Netns::new("fvB"));
-    let (ia, ib) = veth(&a, &b);
-    let dir = tempfile::tempdir().unwrap();
-    let key = keygen(dir.path(), "key");
-    // The real vmm and its built-in guest when the workspace build made it (CI always does);
-    // 6 GiB of guest RAM keeps the guest's STREAM run going for several seconds, long enough
-    // for list, pin, unpin and destroy while it runs.
-    let (vmm, memory) = match real_vmm() {
-        Some(path) => {
-            println!("using the real vmm {} (its built-in guest)", path.display());
-            (path, "6G")
-        }
-        None => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI builds the whole workspace, so target/<profile>/vmm must exist"
-            );
-            let path = dir.path().join("vmm-stand-in");
-            std::fs::write(
-                &path,
-                "#!/bin/sh\necho \"STAND-IN vmm $*\"\nexec sleep 60\n",
-            )
-            .unwrap();
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-            println!(
-                "NOTE: vmm is not built (run the workspace's tests): using a STAND-IN ({})",
-                path.display()
-            );
-            (path, "64M")
-        }
-    };
-    let logs = dir.path().join("vms");
-    let _d = fabricd(
-        &b,
-        &ib,
+    let p = Pair::new("fv");
+    // The real vmm and its built-in guest (see `test_vmm`); 6 GiB of guest RAM keeps the
+    // guest's STREAM run going for several seconds, long enough for list, pin, unpin and
+    // destroy while it runs.
+    let vmm = test_vmm(p.dir.path());
+    let memory = if vmm.real { "6G" } else { "64M" };
+    let logs = p.dir.path().join("vms");
+    let _d = p.fabricd_b(
         "hostb",
-        &key,
         &[
-            "--monitor-interval-secs",
-            "0",
-            "--vmm-bin",
-            vmm.to_str().unwrap(),
-            "--vm-log-dir",
-            logs.to_str().unwrap(),
-        ],
+            &NO_MONITOR[..],
+            &[
+                "--vmm-bin",
+                vmm.path.to_str().unwrap(),
+                "--vm-log-dir",
+                logs.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
     );
     let t = Duration::from_secs(20);
-    let v = fabric_json(
-        &a,
-        &ia,
-        &key,
+    let ctl = p.ctl_a();
+    let v = ctl.json(
         &[
-            "--json",
             "vm",
             "create",
             "hostb",
@@ -442,10 +392,10 @@ fn vm_create_list_destroy_through_the_cli() {
     assert_eq!(v["state"], "running", "{v}");
     let pid = v["pid"].as_u64().unwrap();
     assert!(Path::new(&format!("/proc/{pid}")).exists());
-    let list = fabric_json(&a, &ia, &key, &["--json", "vm", "list", "hostb"], t);
+    let list = ctl.json(&["vm", "list", "hostb"], t);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["name"], "t1");
-    let (code, table, _) = fabric(&a, &ia, &key, &["vm", "list", "hostb"], t);
+    let (code, table, _) = ctl.run(&["vm", "list", "hostb"], t);
     assert_eq!(code, 0);
     assert!(table.contains("t1") && table.contains("running"), "{table}");
     // What fabricd started: the vmm with the spec's flags.
@@ -471,13 +421,7 @@ fn vm_create_list_destroy_through_the_cli() {
         l.split_whitespace().nth(1).unwrap().to_string()
     };
     let all = allowed();
-    let v = fabric_json(
-        &a,
-        &ia,
-        &key,
-        &["--json", "vm", "pin", "hostb", "t1", "--cpus", "0"],
-        t,
-    );
+    let v = ctl.json(&["vm", "pin", "hostb", "t1", "--cpus", "0"], t);
     assert!(
         v.as_object()
             .unwrap()
@@ -486,22 +430,16 @@ fn vm_create_list_destroy_through_the_cli() {
         "{v}"
     );
     assert_eq!(allowed(), "0");
-    fabric_json(&a, &ia, &key, &["--json", "vm", "unpin", "hostb", "t1"], t);
+    ctl.json(&["vm", "unpin", "hostb", "t1"], t);
     assert_eq!(allowed(), all);
-    let (code, _, err) = fabric(&a, &ia, &key, &["vm", "create", "hostb", "--name", "t1"], t);
+    let (code, _, err) = ctl.run(&["vm", "create", "hostb", "--name", "t1"], t);
     assert_eq!(code, 1);
     assert!(err.contains("VM t1 exists"), "{err}");
-    let v = fabric_json(
-        &a,
-        &ia,
-        &key,
-        &["--json", "vm", "destroy", "hostb", "t1"],
-        t,
-    );
+    let v = ctl.json(&["vm", "destroy", "hostb", "t1"], t);
     assert_eq!(v["state"], "exited");
-    let list = fabric_json(&a, &ia, &key, &["--json", "vm", "list", "hostb"], t);
+    let list = ctl.json(&["vm", "list", "hostb"], t);
     assert_eq!(list.as_array().unwrap().len(), 0);
-    let (code, _, err) = fabric(&a, &ia, &key, &["vm", "status", "hostb", "t1"], t);
+    let (code, _, err) = ctl.run(&["vm", "status", "hostb", "t1"], t);
     assert_eq!(code, 1);
     assert!(err.contains("no VM named t1"), "{err}");
 }

@@ -119,23 +119,28 @@ fn report(kind: &str, lat: &mut [u64], retries: u64) {
 fn run(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::RawEcho { iface } => {
+            // The leanest echo: a blocking recvfrom and a sendto per frame.
             let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
+            s.set_blocking(None)?;
             let mut buf = vec![0u8; 2048];
             loop {
-                packet::wait_readable(&[s.as_raw_fd()], libc::POLLIN, None)?;
-                while let Some(n) = s.recv(&mut buf)? {
-                    if n < 14 {
-                        continue;
-                    }
-                    let (dst, src) = (buf[0..6].to_vec(), buf[6..12].to_vec());
-                    buf[0..6].copy_from_slice(&src);
-                    buf[6..12].copy_from_slice(&dst);
-                    s.send(&buf[..n])?;
+                let Some(n) = s.recv_blocking(&mut buf)? else {
+                    continue;
+                };
+                if n < 14 {
+                    continue;
                 }
+                let (dst, src) = (buf[0..6].to_vec(), buf[6..12].to_vec());
+                buf[0..6].copy_from_slice(&src);
+                buf[6..12].copy_from_slice(&dst);
+                s.send(&buf[..n])?;
             }
         }
         Cmd::RawPing { iface, count } => {
+            // A sendto and a blocking recvfrom per round trip; the resend timer is SO_RCVTIMEO
+            // (timer wheel, so no hrtimer per wait: 1 ms rounded up to a tick).
             let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
+            s.set_blocking(Some(Duration::from_millis(1)))?;
             let mut f = vec![0u8; 14 + PAYLOAD];
             f[0..6].copy_from_slice(&BROADCAST);
             f[6..12].copy_from_slice(&s.mac());
@@ -146,20 +151,13 @@ fn run(a: Args) -> Result<()> {
                 f[14..22].copy_from_slice(&i.to_be_bytes());
                 let t0 = Instant::now();
                 s.send(&f)?;
-                'wait: loop {
-                    let ready = packet::wait_readable(
-                        &[s.as_raw_fd()],
-                        libc::POLLIN,
-                        Some(Duration::from_millis(1)),
-                    )?;
-                    if !ready[0] {
-                        retries += 1;
-                        s.send(&f)?;
-                        continue;
-                    }
-                    while let Some(n) = s.recv(&mut buf)? {
-                        if n >= 22 && buf[14..22] == i.to_be_bytes() {
-                            break 'wait;
+                loop {
+                    match s.recv_blocking(&mut buf)? {
+                        Some(n) if n >= 22 && buf[14..22] == i.to_be_bytes() => break,
+                        Some(_) => {}
+                        None => {
+                            retries += 1;
+                            s.send(&f)?;
                         }
                     }
                 }

@@ -117,6 +117,9 @@ enum VmCmd {
         /// Kernel command line.
         #[arg(long)]
         cmdline: Option<String>,
+        /// STREAM passes of the built-in guest (the vmm's --passes: how long it runs).
+        #[arg(long)]
+        passes: Option<u32>,
         /// Disk (repeatable).
         #[arg(long)]
         disk: Vec<String>,
@@ -346,6 +349,7 @@ fn run(a: Args) -> Result<()> {
                 kernel,
                 initrd,
                 cmdline,
+                passes,
                 disk,
                 vif,
             } => {
@@ -358,6 +362,7 @@ fn run(a: Args) -> Result<()> {
                     kernel,
                     initrd,
                     cmdline,
+                    passes,
                     disks: disk,
                     vifs: vif,
                 };

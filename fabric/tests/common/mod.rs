@@ -247,28 +247,132 @@ pub fn fabricd(ns: &Netns, iface: &str, name: &str, key: &Path, extra: &[&str]) 
     p
 }
 
-/// Runs `fabric` in `ns` with `args`; returns (exit code, stdout, stderr).
-pub fn fabric(
-    ns: &Netns,
-    iface: &str,
-    key: &Path,
-    args: &[&str],
-    timeout: Duration,
-) -> (i32, String, String) {
-    let mut c = ns.cmd(FABRIC);
-    c.args(["--iface", iface, "--key-file"]).arg(key).args(args);
-    run_timeout(c, timeout)
+/// `fabricd` flags that turn its monitoring agent off (tests of the control plane).
+pub const NO_MONITOR: [&str; 2] = ["--monitor-interval-secs", "0"];
+
+/// A controller: `fabric` run in one namespace, on one interface, with one key file.
+#[derive(Clone, Copy)]
+pub struct Ctl<'a> {
+    pub ns: &'a Netns,
+    pub iface: &'a str,
+    pub key: &'a Path,
 }
 
-/// Like [`fabric`], and parses stdout as JSON; panics on failure.
-pub fn fabric_json(
-    ns: &Netns,
-    iface: &str,
-    key: &Path,
-    args: &[&str],
-    timeout: Duration,
-) -> serde_json::Value {
-    let (code, out, err) = fabric(ns, iface, key, args, timeout);
-    assert_eq!(code, 0, "fabric {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("fabric {args:?}: {e}: {out}"))
+impl<'a> Ctl<'a> {
+    pub fn new(ns: &'a Netns, iface: &'a str, key: &'a Path) -> Ctl<'a> {
+        Ctl { ns, iface, key }
+    }
+
+    /// The same controller with another key file.
+    pub fn with_key(self, key: &'a Path) -> Ctl<'a> {
+        Ctl { key, ..self }
+    }
+
+    /// `fabric --iface IFACE --key-file KEY` in the namespace, to add arguments to.
+    pub fn cmd(&self) -> Command {
+        let mut c = self.ns.cmd(FABRIC);
+        c.args(["--iface", self.iface, "--key-file"]).arg(self.key);
+        c
+    }
+
+    /// Runs `fabric ARGS`; returns (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str], timeout: Duration) -> (i32, String, String) {
+        let mut c = self.cmd();
+        c.args(args);
+        run_timeout(c, timeout)
+    }
+
+    /// Runs `fabric --json ARGS` and parses its output; panics on failure.
+    pub fn json(&self, args: &[&str], timeout: Duration) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let (code, out, err) = self.run(&all, timeout);
+        assert_eq!(code, 0, "fabric {all:?} failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("fabric {all:?}: {e}: {out}"))
+    }
+
+    /// `fabric --json stats HOST`.
+    pub fn stats(&self, host: &str) -> serde_json::Value {
+        self.json(&["stats", host], Duration::from_secs(20))
+    }
+}
+
+/// Two namespaces joined by a veth pair and a fresh key file: most tests' set-up.
+pub struct Pair {
+    pub a: Netns,
+    pub b: Netns,
+    pub ia: String,
+    pub ib: String,
+    pub key: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Pair {
+    /// Namespaces named after `tag` (`<tag>A…`, `<tag>B…`).
+    pub fn new(tag: &str) -> Pair {
+        let (a, b) = (
+            Netns::new(&format!("{tag}A")),
+            Netns::new(&format!("{tag}B")),
+        );
+        let (ia, ib) = veth(&a, &b);
+        let dir = tempfile::tempdir().unwrap();
+        let key = keygen(dir.path(), "key");
+        Pair {
+            a,
+            b,
+            ia,
+            ib,
+            key,
+            dir,
+        }
+    }
+
+    /// A controller in namespace A.
+    pub fn ctl_a(&self) -> Ctl<'_> {
+        Ctl::new(&self.a, &self.ia, &self.key)
+    }
+
+    /// A controller in namespace B.
+    pub fn ctl_b(&self) -> Ctl<'_> {
+        Ctl::new(&self.b, &self.ib, &self.key)
+    }
+
+    /// `fabricd` called `name` in namespace B with `extra` flags.
+    pub fn fabricd_b(&self, name: &str, extra: &[&str]) -> Proc {
+        fabricd(&self.b, &self.ib, name, &self.key, extra)
+    }
+}
+
+/// The `vmm` a VM test runs.
+pub struct TestVmm {
+    pub path: PathBuf,
+    /// The real vmm of this build (false: a stand-in script).
+    pub real: bool,
+}
+
+/// The `vmm` of this build (`target/<profile>/vmm`, next to the `deps/` directory the test
+/// runs from) when the workspace build made it, as CI always does. Otherwise (a crate-only
+/// `cargo test -p fabric`, never under CI) a stand-in script in `dir` that prints its
+/// arguments and sleeps, and says so.
+pub fn test_vmm(dir: &Path) -> TestVmm {
+    let built = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.join("vmm")))
+        .filter(|p| p.is_file());
+    if let Some(path) = built {
+        println!("using the real vmm {} (its built-in guest)", path.display());
+        return TestVmm { path, real: true };
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI builds the whole workspace, so target/<profile>/vmm must exist"
+    );
+    let path = dir.join("vmm-stand-in");
+    std::fs::write(&path, "#!/bin/sh\necho \"STAND-IN vmm $*\"\nsleep 60\n").unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    println!(
+        "NOTE: vmm is not built (run the workspace's tests): using a STAND-IN ({})",
+        path.display()
+    );
+    TestVmm { path, real: false }
 }
