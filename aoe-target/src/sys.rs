@@ -130,6 +130,25 @@ impl PacketSocket {
         Ok(s)
     }
 
+    /// How long a waiting [`PacketSocket::recv_many`] blocks at most (SO_RCVTIMEO).
+    pub fn set_recv_timeout(&self, timeout: Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros().min(999_999) as i32),
+        };
+        // SAFETY: tv is a valid timeval and its size is passed; the fd is a valid socket.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })
+        .map(|_| ())
+    }
+
     fn setsockopt(&self, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
         // SAFETY: v is a valid c_int and its size is passed; the fd is a valid socket.
         cvt(unsafe {
@@ -163,6 +182,78 @@ impl PacketSocket {
         } else {
             Ok(n.unsigned_abs())
         }
+    }
+
+    /// Sends `frames` with as few calls as possible (sendmmsg); returns how many the kernel
+    /// took in this call (at least one unless it failed).
+    pub fn send_many(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr().cast_mut().cast(),
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs = mmsghdrs(&mut iovs);
+        let n = libc::c_uint::try_from(msgs.len()).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: every mmsghdr points at one iovec of `iovs`, each describing a frame of
+        // `frames`; all outlive the call, and the kernel only reads the frames.
+        let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), n, 0) };
+        usize::try_from(r).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Receives the frames queued on the socket, up to one per buffer, with one call
+    /// (recvmmsg); frame `i` is `bufs[i][..lens[i]]`. Returns how many came: 0 when none was
+    /// queued or, with `wait`, none came within the receive timeout (see
+    /// [`PacketSocket::set_recv_timeout`]) or a signal arrived. With `wait` it blocks until
+    /// the first frame only, then takes what else is queued.
+    pub fn recv_many(
+        &self,
+        bufs: &mut [&mut [u8]],
+        lens: &mut Vec<usize>,
+        wait: bool,
+    ) -> io::Result<usize> {
+        lens.clear();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs = mmsghdrs(&mut iovs);
+        let n = libc::c_uint::try_from(msgs.len()).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: every mmsghdr points at one iovec of `iovs`, each describing a writable
+        // buffer of `bufs`; all outlive the call. No timeout pointer.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n,
+                if wait {
+                    libc::MSG_WAITFORONE
+                } else {
+                    libc::MSG_DONTWAIT
+                },
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let r = r.unsigned_abs() as usize;
+        // A frame longer than its buffer comes back truncated to the buffer, as with recv.
+        lens.extend(
+            msgs[..r]
+                .iter()
+                .zip(bufs.iter())
+                .map(|(m, b)| usize::try_from(m.msg_len).map_or(b.len(), |l| l.min(b.len()))),
+        );
+        Ok(r)
     }
 
     /// Receives one frame if one is queued (`Ok(None)` otherwise).
@@ -209,6 +300,20 @@ impl PacketSocket {
         }
         self.try_recv(buf)
     }
+}
+
+/// One message header per iovec, for sendmmsg/recvmmsg on a bound socket (no address).
+fn mmsghdrs(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value
+            // (no address, no control data).
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
 }
 
 impl AsRawFd for PacketSocket {
