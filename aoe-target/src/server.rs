@@ -170,7 +170,7 @@ impl Server {
             "interface": self.iface,
             "mac": self.sock.mac().to_string(),
             "mtu": self.sock.mtu(),
-            "sectors_per_frame": sectors_per_frame(self.sock.mtu()),
+            "sectors_per_frame": self.engine.max_sectors(),
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "outstanding": self.engine.outstanding(),
             "ignored_frames": self.engine.ignored(),
@@ -283,6 +283,9 @@ impl Server {
             };
             for (mut buf, &len) in self.rx.drain(..n).zip(&self.rx_lens) {
                 buf.set_len(len);
+                if is_config_query(buf.as_slice()) {
+                    follow_mtu(&mut self.sock, &mut self.engine);
+                }
                 self.engine.on_frame(buf);
             }
             taken += n;
@@ -412,6 +415,26 @@ impl Server {
                 }
             }
         }
+    }
+}
+
+/// True for a Query Config request: the moment an initiator learns the sectors per frame.
+fn is_config_query(frame: &[u8]) -> bool {
+    Header::parse(frame).is_ok_and(|h| !h.response && h.command == Command::Config)
+}
+
+/// Re-reads the interface MTU (vblade does so on every Query Config) and, when it changed,
+/// the sectors per frame with it, so the reply advertises what the link carries now.
+fn follow_mtu(sock: &mut PacketSocket, engine: &mut Engine) {
+    let before = sock.mtu();
+    match sock.refresh_mtu() {
+        Ok(mtu) if mtu != before => {
+            let spf = sectors_per_frame(mtu);
+            log::info!("MTU {before} -> {mtu}: {spf} sectors per frame");
+            engine.set_max_sectors(spf);
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("{e}"),
     }
 }
 

@@ -45,6 +45,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 #[derive(Debug)]
 pub struct PacketSocket {
     fd: OwnedFd,
+    iface: String,
     mac: Mac,
     mtu: u32,
 }
@@ -109,17 +110,13 @@ impl PacketSocket {
         for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
             *d = *s as u8;
         }
-        let mut req = ifreq(iface)?;
-        // SAFETY: SIOCGIFMTU fills the ifreq we own; the fd is a valid socket.
-        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })
-            .map_err(call(format!("SIOCGIFMTU {iface}")))?;
-        // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
-        let mtu = u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500);
-        let s = PacketSocket {
+        let mut s = PacketSocket {
             fd,
+            iface: iface.to_string(),
             mac: Mac(mac),
-            mtu,
+            mtu: 0,
         };
+        s.refresh_mtu()?;
         let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
         if s.setsockopt(libc::SO_RCVBUFFORCE, size).is_err() {
             let _ = s.setsockopt(libc::SO_RCVBUF, size);
@@ -168,9 +165,21 @@ impl PacketSocket {
         self.mac
     }
 
-    /// The interface's MTU.
+    /// The interface's MTU when last read (at open, or by [`PacketSocket::refresh_mtu`]).
     pub fn mtu(&self) -> u32 {
         self.mtu
+    }
+
+    /// Reads the interface's MTU again (it may have changed since the socket was opened);
+    /// returns it.
+    pub fn refresh_mtu(&mut self) -> Result<u32, SysError> {
+        let mut req = ifreq(&self.iface)?;
+        // SAFETY: SIOCGIFMTU fills the ifreq we own; the fd is a valid socket.
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })
+            .map_err(call(format!("SIOCGIFMTU {}", self.iface)))?;
+        // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
+        self.mtu = u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500);
+        Ok(self.mtu)
     }
 
     /// Sends one frame.

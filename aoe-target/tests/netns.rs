@@ -123,6 +123,48 @@ fn jumbo_frames_carry_17_sectors() {
     assert_eq!(st["exports"][0]["o_direct"], false);
 }
 
+/// The MTU is re-read on every Query Config (as vblade does): raised to 9000 on a running
+/// target, the next session gets 17 sectors per frame and they are served; lowered again, 2.
+#[test]
+fn follows_mtu_changes() {
+    if !can_run("follows_mtu_changes") {
+        return;
+    }
+    let net = NetPair::new(1500);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let t = Target::start(
+        &net.t,
+        dir.path(),
+        &[
+            "--iface",
+            &net.tv,
+            "--shelf",
+            "3",
+            "--slot",
+            "1",
+            "--file",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(net.session(3, 1).target().max_sectors, 2);
+    for (mtu, spf) in [(9000, 17), (1500, 2)] {
+        net.set_mtu(mtu);
+        let mut s = net.session(3, 1);
+        assert_eq!(s.target().max_sectors, spf, "MTU {mtu}");
+        let data = pattern(u64::from(mtu), 17 * 512 * 3);
+        s.write(40, &data).unwrap();
+        assert_eq!(s.read(40, 17 * 3).unwrap(), data, "MTU {mtu}");
+        let st = t.fresh_status();
+        assert_eq!(st["mtu"], mtu);
+        assert_eq!(st["sectors_per_frame"], spf);
+    }
+}
+
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
     if !can_run("sigterm_drains_and_exits_cleanly") {

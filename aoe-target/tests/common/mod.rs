@@ -65,12 +65,19 @@ impl NetPair {
             "ip", "link", "add", &p.tv, "netns", &p.t, "type", "veth", "peer", "name", &p.iv,
             "netns", &p.i,
         ]);
+        p.set_mtu(mtu);
         for (ns, dev) in [(&p.t, &p.tv), (&p.i, &p.iv)] {
-            run(&["ip", "-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]);
             run(&["ip", "-n", ns, "link", "set", dev, "up"]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         p
+    }
+
+    /// Sets the MTU of both ends of the veth pair.
+    pub fn set_mtu(&self, mtu: u32) {
+        for (ns, dev) in [(&self.t, &self.tv), (&self.i, &self.iv)] {
+            run(&["ip", "-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]);
+        }
     }
 
     /// A session from the initiator side.
