@@ -400,19 +400,45 @@ pub fn with_netns<T>(name: &str, f: impl FnOnce() -> T) -> io::Result<T> {
     Ok(out)
 }
 
-/// Reads at `offset` only if no waiting is needed (a page-cache hit), with
-/// `preadv2(RWF_NOWAIT)`. `Ok(None)`: it would block, came back short, or the file does not
-/// support it; the caller then queues the read on io_uring.
-pub fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+/// Reads at `offset` into `bufs` one after the other, only if no waiting is needed (a
+/// page-cache hit), with `preadv2(RWF_NOWAIT)`. `Ok(None)`: it would block, came back short,
+/// or the file does not support it; the caller then queues the read on io_uring.
+pub fn pread_nowait(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<Option<usize>> {
+    let iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let want = bufs.iter().map(|b| b.len()).sum();
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: iov describes `buf`, which is valid and writable for the duration of the call.
-    let n = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
-    nowait_result(n, buf.len())
+    let cnt = libc::c_int::try_from(iovs.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: each iovec describes one buffer of `bufs`, valid and writable for the call.
+    let n = unsafe { libc::preadv2(fd, iovs.as_ptr(), cnt, off, libc::RWF_NOWAIT) };
+    nowait_result(n, want)
+}
+
+/// Writes `bufs` one after the other at `offset` with one `pwritev` (std offers positional
+/// writes of one buffer only). Returns the bytes written.
+pub fn pwritev(fd: RawFd, bufs: &[&[u8]], offset: u64) -> io::Result<usize> {
+    let iovs: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cnt = libc::c_int::try_from(iovs.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: each iovec describes one buffer of `bufs`, valid for the call; the kernel only
+    // reads them.
+    let n = unsafe { libc::pwritev(fd, iovs.as_ptr(), cnt, off) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 fn nowait_result(n: isize, want: usize) -> io::Result<Option<usize>> {
@@ -438,11 +464,33 @@ mod tests {
         f.write_all_at(&[7u8; 8192], 0).unwrap();
         let mut buf = vec![0u8; 4096];
         assert_eq!(
-            pread_nowait(f.as_raw_fd(), &mut buf, 4096).unwrap(),
+            pread_nowait(f.as_raw_fd(), &mut [&mut buf[..]], 4096).unwrap(),
             Some(4096)
         );
         assert!(buf.iter().all(|b| *b == 7));
         // Past the end: short, so None (the caller falls back to io_uring).
-        assert_eq!(pread_nowait(f.as_raw_fd(), &mut buf, 8000).unwrap(), None);
+        assert_eq!(
+            pread_nowait(f.as_raw_fd(), &mut [&mut buf[..]], 8000).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn vectored_write_and_read_span_buffers() {
+        let f = tempfile::tempfile().unwrap();
+        let (a, b) = ([1u8; 1024], [2u8; 512]);
+        assert_eq!(pwritev(f.as_raw_fd(), &[&a, &b], 512).unwrap(), 1536);
+        let mut got = vec![0u8; 2048];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..512].iter().all(|x| *x == 0));
+        assert!(got[512..1536].iter().all(|x| *x == 1));
+        assert!(got[1536..].iter().all(|x| *x == 2));
+        let (mut x, mut y) = ([0u8; 1000], [0u8; 536]);
+        assert_eq!(
+            pread_nowait(f.as_raw_fd(), &mut [&mut x[..], &mut y[..]], 512).unwrap(),
+            Some(1536)
+        );
+        assert!(x[..1000].iter().all(|v| *v == 1));
+        assert!(y[..24].iter().all(|v| *v == 1) && y[24..].iter().all(|v| *v == 2));
     }
 }

@@ -125,6 +125,8 @@ fn jumbo_frames_carry_17_sectors() {
 
 /// The MTU is re-read on every Query Config (as vblade does): raised to 9000 on a running
 /// target, the next session gets 17 sectors per frame and they are served; lowered again, 2.
+/// In page-cache mode, so the pipelined frames of each transfer are gathered into runs
+/// (one preadv2/pwritev for adjacent frames) and land at the right offsets.
 #[test]
 fn follows_mtu_changes() {
     if !can_run("follows_mtu_changes") {
@@ -149,6 +151,7 @@ fn follows_mtu_changes() {
             "1",
             "--file",
             img.to_str().unwrap(),
+            "--writeback",
         ],
     );
     assert_eq!(net.session(3, 1).target().max_sectors, 2);
@@ -159,6 +162,12 @@ fn follows_mtu_changes() {
         let data = pattern(u64::from(mtu), 17 * 512 * 3);
         s.write(40, &data).unwrap();
         assert_eq!(s.read(40, 17 * 3).unwrap(), data, "MTU {mtu}");
+        let file = std::fs::read(&img).unwrap();
+        assert_eq!(
+            &file[40 * 512..40 * 512 + data.len()],
+            &data[..],
+            "MTU {mtu}"
+        );
         let st = t.fresh_status();
         assert_eq!(st["mtu"], mtu);
         assert_eq!(st["sectors_per_frame"], spf);
