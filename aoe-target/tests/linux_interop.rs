@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{can_run, Target};
+use common::{can_run, export_args, Target};
 
 struct Netns(String);
 
@@ -71,18 +71,7 @@ fn linux_aoe_driver_in_qemu_against_target() {
     sh(&["ip", "-n", &ns.0, "link", "set", &tap, "up"]);
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("linux.img");
-    let args = [
-        "--iface",
-        &tap,
-        "--shelf",
-        "7",
-        "--slot",
-        "1",
-        "--file",
-        img.to_str().unwrap(),
-        "--thin",
-        "64M",
-    ];
+    let args = export_args(&tap, 7, 1, &img, &["--thin", "64M"]);
     let mut target = Some(Target::start(&ns.0, dir.path(), &args));
     let mut qemu = Command::new("timeout")
         .args([
