@@ -194,10 +194,11 @@ impl Server {
     /// Serves until SIGTERM or SIGINT, then drains: stops receiving, lets every request in
     /// flight complete and be answered, syncs the files, writes and returns the final status.
     ///
-    /// Frames are received with non-blocking `recvmmsg` calls (up to [`MMSG`] frames each),
-    /// drained in batches whenever a one-shot io_uring poll reports the socket readable (and
-    /// after every batch of disk completions): many receive requests parked on one socket
-    /// would all be woken by every frame. Replies are gathered and go out with one `sendmmsg`
+    /// Frames are received with `recvmmsg` (up to [`MMSG`] frames a call). While disk I/O is
+    /// on the ring, the socket is drained without waiting whenever a one-shot io_uring poll
+    /// reports it readable (and after every batch of disk completions): many receive requests
+    /// parked on one socket would all be woken by every frame. With nothing on the ring, the
+    /// loop waits in `recvmmsg` itself (up to 200 ms, to look at signals and the status). Replies are gathered and go out with one `sendmmsg`
     /// per batch; the disk I/O runs on the ring. So a busy target makes about one system call
     /// per frame (the page-cache read in `--writeback` mode, or its share of `io_uring_enter`)
     /// instead of three.
