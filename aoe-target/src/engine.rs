@@ -323,6 +323,11 @@ impl Engine {
         self.actions.pop_front()
     }
 
+    /// True when actions wait for the driver.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// Requests in flight over all exports.
     pub fn outstanding(&self) -> usize {
         self.pending.iter().filter(|p| p.is_some()).count()

@@ -404,6 +404,13 @@ pub fn with_netns<T>(name: &str, f: impl FnOnce() -> T) -> io::Result<T> {
 /// page-cache hit), with `preadv2(RWF_NOWAIT)`. `Ok(None)`: it would block, came back short,
 /// or the file does not support it; the caller then queues the read on io_uring.
 pub fn pread_nowait(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<Option<usize>> {
+    let want = bufs.iter().map(|b| b.len()).sum();
+    nowait_result(preadv2(fd, bufs, offset, libc::RWF_NOWAIT), want)
+}
+
+/// `preadv2` into `bufs` one after the other at `offset` with `flags`: the raw result (bytes
+/// or -1 with errno set).
+fn preadv2(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64, flags: libc::c_int) -> isize {
     let iovs: Vec<libc::iovec> = bufs
         .iter_mut()
         .map(|b| libc::iovec {
@@ -411,19 +418,29 @@ pub fn pread_nowait(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64) -> io::Resul
             iov_len: b.len(),
         })
         .collect();
-    let want = bufs.iter().map(|b| b.len()).sum();
-    let off =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let cnt = libc::c_int::try_from(iovs.len())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let (Ok(off), Ok(cnt)) = (
+        libc::off_t::try_from(offset),
+        libc::c_int::try_from(iovs.len()),
+    ) else {
+        // SAFETY: setting errno of this thread is always allowed.
+        unsafe { *libc::__errno_location() = libc::EINVAL };
+        return -1;
+    };
     // SAFETY: each iovec describes one buffer of `bufs`, valid and writable for the call.
-    let n = unsafe { libc::preadv2(fd, iovs.as_ptr(), cnt, off, libc::RWF_NOWAIT) };
-    nowait_result(n, want)
+    unsafe { libc::preadv2(fd, iovs.as_ptr(), cnt, off, flags) }
 }
 
-/// Writes `bufs` one after the other at `offset` with one `pwritev` (std offers positional
-/// writes of one buffer only). Returns the bytes written.
-pub fn pwritev(fd: RawFd, bufs: &[&[u8]], offset: u64) -> io::Result<usize> {
+/// Reads into `bufs` one after the other at `offset`, waiting for the disk if need be.
+/// Returns the bytes read.
+pub fn preadv(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<usize> {
+    let n = preadv2(fd, bufs, offset, 0);
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Writes `bufs` one after the other at `offset` with one `pwritev2` (std offers positional
+/// writes of one buffer only), durable on return with `dsync` (RWF_DSYNC). Returns the bytes
+/// written.
+pub fn pwritev(fd: RawFd, bufs: &[&[u8]], offset: u64, dsync: bool) -> io::Result<usize> {
     let iovs: Vec<libc::iovec> = bufs
         .iter()
         .map(|b| libc::iovec {
@@ -435,9 +452,10 @@ pub fn pwritev(fd: RawFd, bufs: &[&[u8]], offset: u64) -> io::Result<usize> {
         libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let cnt = libc::c_int::try_from(iovs.len())
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
     // SAFETY: each iovec describes one buffer of `bufs`, valid for the call; the kernel only
     // reads them.
-    let n = unsafe { libc::pwritev(fd, iovs.as_ptr(), cnt, off) };
+    let n = unsafe { libc::pwritev2(fd, iovs.as_ptr(), cnt, off, flags) };
     usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
@@ -479,7 +497,7 @@ mod tests {
     fn vectored_write_and_read_span_buffers() {
         let f = tempfile::tempfile().unwrap();
         let (a, b) = ([1u8; 1024], [2u8; 512]);
-        assert_eq!(pwritev(f.as_raw_fd(), &[&a, &b], 512).unwrap(), 1536);
+        assert_eq!(pwritev(f.as_raw_fd(), &[&a, &b], 512, true).unwrap(), 1536);
         let mut got = vec![0u8; 2048];
         f.read_exact_at(&mut got, 0).unwrap();
         assert!(got[..512].iter().all(|x| *x == 0));
@@ -492,5 +510,8 @@ mod tests {
         );
         assert!(x[..1000].iter().all(|v| *v == 1));
         assert!(y[..24].iter().all(|v| *v == 1) && y[24..].iter().all(|v| *v == 2));
+        let mut z = [0u8; 512];
+        assert_eq!(preadv(f.as_raw_fd(), &mut [&mut z[..]], 1536).unwrap(), 512);
+        assert!(z.iter().all(|v| *v == 2));
     }
 }
