@@ -439,9 +439,9 @@ impl Server {
     }
 
     /// Runs a lone data read or write (nothing else in flight or waiting, as at queue depth
-    /// one) synchronously, as vblade does: at QD1 the ring only adds a round trip (and for a
-    /// durable O_DIRECT write a hand-off to an io_uring worker thread). Hands back anything
-    /// else, for the ring.
+    /// one) synchronously, as vblade does: at QD1 the ring only adds a round trip (submit,
+    /// then wait for the completion and the socket poll). Hands back anything else, for the
+    /// ring.
     fn lone_io(&mut self, mut req: IoRequest) -> Option<IoRequest> {
         if req.target != IoTarget::Data {
             return Some(req);
