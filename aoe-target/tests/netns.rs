@@ -11,7 +11,7 @@ use aoe_target::initiator::InitiatorError;
 use aoe_target::wire::{Command, Header, Mac, MIN_FRAME_LEN};
 use common::{
     can_run, export_args, pattern, run_bounded, sparse_file, target_bin, target_cmd, NetPair,
-    Target,
+    Scratch, Target,
 };
 
 #[test]
@@ -76,12 +76,11 @@ fn serves_an_initiator_at_mtu_1500() {
 /// Also the page-cache (--writeback) path: reads and writes served without the ring.
 #[test]
 fn jumbo_frames_carry_17_sectors() {
-    if !can_run("jumbo_frames_carry_17_sectors") {
+    let Some(Scratch { net, dir, img }) =
+        Scratch::new("jumbo_frames_carry_17_sectors", 9000, 32 << 20)
+    else {
         return;
-    }
-    let net = NetPair::new(9000);
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_file(dir.path(), "disk.img", 32 << 20);
+    };
     let t = Target::start(
         &net.t,
         dir.path(),
@@ -106,12 +105,9 @@ fn jumbo_frames_carry_17_sectors() {
 /// (one preadv2/pwritev for adjacent frames) and land at the right offsets.
 #[test]
 fn follows_mtu_changes() {
-    if !can_run("follows_mtu_changes") {
+    let Some(Scratch { net, dir, img }) = Scratch::new("follows_mtu_changes", 1500, 8 << 20) else {
         return;
-    }
-    let net = NetPair::new(1500);
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_file(dir.path(), "disk.img", 8 << 20);
+    };
     let t = Target::start(
         &net.t,
         dir.path(),
@@ -139,12 +135,11 @@ fn follows_mtu_changes() {
 
 #[test]
 fn sigterm_drains_and_exits_cleanly() {
-    if !can_run("sigterm_drains_and_exits_cleanly") {
+    let Some(Scratch { net, dir, img }) =
+        Scratch::new("sigterm_drains_and_exits_cleanly", 1500, 8 << 20)
+    else {
         return;
-    }
-    let net = NetPair::new(1500);
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_file(dir.path(), "disk.img", 8 << 20);
+    };
     let mut t = Target::start(&net.t, dir.path(), &export_args(&net.tv, 1, 1, &img, &[]));
     let mut s = net.session(1, 1);
     let data = pattern(5, 256 * 1024);
@@ -158,12 +153,10 @@ fn sigterm_drains_and_exits_cleanly() {
 
 #[test]
 fn operator_errors_are_clear() {
-    if !can_run("operator_errors_are_clear") {
+    let Some(Scratch { net, dir, img }) = Scratch::new("operator_errors_are_clear", 1500, 1 << 20)
+    else {
         return;
-    }
-    let net = NetPair::new(1500);
-    let dir = tempfile::tempdir().unwrap();
-    let img = sparse_file(dir.path(), "disk.img", 1 << 20);
+    };
     let (rc, out) = run_bounded(20, &net.t, &target_cmd("nosuch0", 1, 1, &img, &[]));
     assert_eq!(rc, 1);
     assert!(

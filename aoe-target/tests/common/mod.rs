@@ -282,6 +282,27 @@ pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
     path
 }
 
+/// What most network tests start from: two namespaces joined at `mtu` and a scratch directory
+/// holding a sparse `disk.img` of `size` bytes.
+pub struct Scratch {
+    pub net: NetPair,
+    pub dir: tempfile::TempDir,
+    pub img: PathBuf,
+}
+
+impl Scratch {
+    /// `None` (the reason printed) when `test` cannot run here.
+    pub fn new(test: &str, mtu: u32, size: u64) -> Option<Scratch> {
+        if !can_run(test) {
+            return None;
+        }
+        let net = NetPair::new(mtu);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = sparse_file(dir.path(), "disk.img", size);
+        Some(Scratch { net, dir, img })
+    }
+}
+
 /// A deterministic pattern for write checks.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
