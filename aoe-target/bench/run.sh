@@ -4,6 +4,8 @@
 # (aoe-bench) to CPU 1, at MTU 1500 and 9000; plus fio on the backing file itself.
 #
 #   sudo aoe-target/bench/run.sh [--seconds 5] [--size 1G] [--file /var/tmp/aoe-bench.img]
+#                                [--mode all|durable|cached] [--mtu "1500 9000"]
+#                                [--workloads "randread,4K,32 randwrite,4K,32"]
 #
 # Modes compared like with like:
 #   durable: aoe-target (default: O_DIRECT, acks once durable)  vs  vblade -d -s  vs  fio direct
@@ -16,12 +18,18 @@ cd "$(dirname "$0")/../.."
 seconds=5
 size=1G
 file=/var/tmp/aoe-bench.img
+mode=all
+mtus="1500 9000"
+workloads=("randread 4K 1" "randread 4K 32" "randwrite 4K 1" "randwrite 4K 32" "read 1M 4" "write 1M 4")
 while [ $# -gt 0 ]; do
     case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --file) file=$2; shift 2 ;;
-    *) echo "usage: $0 [--seconds N] [--size SIZE] [--file PATH]" >&2; exit 2 ;;
+    --mode) mode=$2; shift 2 ;;
+    --mtu) mtus=$2; shift 2 ;;
+    --workloads) read -r -a ws <<<"$2"; workloads=("${ws[@]//,/ }"); shift 2 ;;
+    *) echo "usage: $0 [--seconds N] [--size SIZE] [--file PATH] [--mode all|durable|cached] [--mtu \"1500 9000\"] [--workloads \"rw,bs,qd ...\"]" >&2; exit 2 ;;
     esac
 done
 for t in vblade fio taskset python3; do
@@ -54,8 +62,6 @@ fi
 
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
-
-workloads=("randread 4K 1" "randread 4K 32" "randwrite 4K 1" "randwrite 4K 32" "read 1M 4" "write 1M 4")
 
 run_target() { # name mtu cmd...
     local name=$1 mtu=$2
@@ -99,17 +105,22 @@ PY
     pid=""
 }
 
-for mtu in 1500 9000; do
+for mtu in $mtus; do
     ip -n "$ns_t" link set bt mtu $mtu up
     ip -n "$ns_i" link set bi mtu $mtu up
     sleep 1
-    run_target "aoe-target durable" $mtu "$bin/aoe-target" --iface bt --shelf 9 --slot 9 --file "$file" --probe-ms 0
-    run_target "vblade -d -s" $mtu vblade -b 64 -d -s 9 9 bt "$file"
-    run_target "aoe-target --writeback" $mtu "$bin/aoe-target" --iface bt --shelf 9 --slot 9 --file "$file" --writeback --probe-ms 0
-    run_target "vblade (buffered)" $mtu vblade -b 64 9 9 bt "$file"
+    if [ "$mode" != cached ]; then
+        run_target "aoe-target durable" $mtu "$bin/aoe-target" --iface bt --shelf 9 --slot 9 --file "$file" --probe-ms 0
+        run_target "vblade -d -s" $mtu vblade -b 64 -d -s 9 9 bt "$file"
+    fi
+    if [ "$mode" != durable ]; then
+        run_target "aoe-target --writeback" $mtu "$bin/aoe-target" --iface bt --shelf 9 --slot 9 --file "$file" --writeback --probe-ms 0
+        run_target "vblade (buffered)" $mtu vblade -b 64 9 9 bt "$file"
+    fi
 done
 
 # fio on the backing file itself: direct, io_uring; writes with O_DSYNC (durable).
+[ "$mode" = cached ] && workloads=()
 for w in "${workloads[@]}"; do
     set -- $w
     sync=""

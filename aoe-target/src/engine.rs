@@ -225,6 +225,11 @@ struct Export {
     log: RateLimiter,
 }
 
+/// Buffer bytes for frames of up to `max_sectors` sectors of data, with 64 bytes of slack.
+fn frame_cap(max_sectors: u8) -> usize {
+    ATA_DATA + usize::from(max_sectors.max(1)) * SECTOR + 64
+}
+
 /// The target engine for the exports on one interface.
 #[derive(Debug)]
 pub struct Engine {
@@ -246,7 +251,7 @@ impl Engine {
         Engine {
             mac,
             max_sectors: max_sectors.max(1),
-            frame_cap: ATA_DATA + usize::from(max_sectors.max(1)) * SECTOR + 64,
+            frame_cap: frame_cap(max_sectors),
             exports: Vec::new(),
             pending: Vec::new(),
             free_ids: Vec::new(),
@@ -279,6 +284,20 @@ impl Engine {
         self.exports.len() - 1
     }
 
+    /// Sectors per frame now (the driver re-reads the MTU on Query Config).
+    pub fn max_sectors(&self) -> u8 {
+        self.max_sectors
+    }
+
+    /// Changes the sectors per frame after an MTU change: Query Config replies advertise the
+    /// new count, ATA requests are checked against it, and new receive buffers are sized for it
+    /// (buffers of the old size are dropped as they come back).
+    pub fn set_max_sectors(&mut self, max_sectors: u8) {
+        self.max_sectors = max_sectors.max(1);
+        self.frame_cap = frame_cap(max_sectors);
+        self.pool.clear();
+    }
+
     /// Bytes a receive buffer needs: the largest frame this engine accepts or sends.
     pub fn frame_capacity(&self) -> usize {
         self.frame_cap
@@ -302,6 +321,11 @@ impl Engine {
     /// The next action for the driver.
     pub fn next_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
+    }
+
+    /// True when actions wait for the driver.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
     }
 
     /// Requests in flight over all exports.

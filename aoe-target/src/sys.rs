@@ -45,6 +45,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 #[derive(Debug)]
 pub struct PacketSocket {
     fd: OwnedFd,
+    iface: String,
     mac: Mac,
     mtu: u32,
 }
@@ -109,17 +110,13 @@ impl PacketSocket {
         for (d, s) in mac.iter_mut().zip(sa.sa_data.iter()) {
             *d = *s as u8;
         }
-        let mut req = ifreq(iface)?;
-        // SAFETY: SIOCGIFMTU fills the ifreq we own; the fd is a valid socket.
-        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })
-            .map_err(call(format!("SIOCGIFMTU {iface}")))?;
-        // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
-        let mtu = u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500);
-        let s = PacketSocket {
+        let mut s = PacketSocket {
             fd,
+            iface: iface.to_string(),
             mac: Mac(mac),
-            mtu,
+            mtu: 0,
         };
+        s.refresh_mtu()?;
         let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
         if s.setsockopt(libc::SO_RCVBUFFORCE, size).is_err() {
             let _ = s.setsockopt(libc::SO_RCVBUF, size);
@@ -128,6 +125,25 @@ impl PacketSocket {
             let _ = s.setsockopt(libc::SO_SNDBUF, size);
         }
         Ok(s)
+    }
+
+    /// How long a waiting [`PacketSocket::recv_many`] blocks at most (SO_RCVTIMEO).
+    pub fn set_recv_timeout(&self, timeout: Duration) -> io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros().min(999_999) as i32),
+        };
+        // SAFETY: tv is a valid timeval and its size is passed; the fd is a valid socket.
+        cvt(unsafe {
+            libc::setsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        })
+        .map(|_| ())
     }
 
     fn setsockopt(&self, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
@@ -149,9 +165,21 @@ impl PacketSocket {
         self.mac
     }
 
-    /// The interface's MTU.
+    /// The interface's MTU when last read (at open, or by [`PacketSocket::refresh_mtu`]).
     pub fn mtu(&self) -> u32 {
         self.mtu
+    }
+
+    /// Reads the interface's MTU again (it may have changed since the socket was opened);
+    /// returns it.
+    pub fn refresh_mtu(&mut self) -> Result<u32, SysError> {
+        let mut req = ifreq(&self.iface)?;
+        // SAFETY: SIOCGIFMTU fills the ifreq we own; the fd is a valid socket.
+        cvt(unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })
+            .map_err(call(format!("SIOCGIFMTU {}", self.iface)))?;
+        // SAFETY: after SIOCGIFMTU the union holds ifru_mtu.
+        self.mtu = u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500);
+        Ok(self.mtu)
     }
 
     /// Sends one frame.
@@ -163,6 +191,78 @@ impl PacketSocket {
         } else {
             Ok(n.unsigned_abs())
         }
+    }
+
+    /// Sends `frames` with as few calls as possible (sendmmsg); returns how many the kernel
+    /// took in this call (at least one unless it failed).
+    pub fn send_many(&self, frames: &[&[u8]]) -> io::Result<usize> {
+        let mut iovs: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr().cast_mut().cast(),
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut msgs = mmsghdrs(&mut iovs);
+        let n = libc::c_uint::try_from(msgs.len()).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: every mmsghdr points at one iovec of `iovs`, each describing a frame of
+        // `frames`; all outlive the call, and the kernel only reads the frames.
+        let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), n, 0) };
+        usize::try_from(r).map_err(|_| io::Error::last_os_error())
+    }
+
+    /// Receives the frames queued on the socket, up to one per buffer, with one call
+    /// (recvmmsg); frame `i` is `bufs[i][..lens[i]]`. Returns how many came: 0 when none was
+    /// queued or, with `wait`, none came within the receive timeout (see
+    /// [`PacketSocket::set_recv_timeout`]) or a signal arrived. With `wait` it blocks until
+    /// the first frame only, then takes what else is queued.
+    pub fn recv_many(
+        &self,
+        bufs: &mut [&mut [u8]],
+        lens: &mut Vec<usize>,
+        wait: bool,
+    ) -> io::Result<usize> {
+        lens.clear();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs = mmsghdrs(&mut iovs);
+        let n = libc::c_uint::try_from(msgs.len()).unwrap_or(libc::c_uint::MAX);
+        // SAFETY: every mmsghdr points at one iovec of `iovs`, each describing a writable
+        // buffer of `bufs`; all outlive the call. No timeout pointer.
+        let r = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                n,
+                if wait {
+                    libc::MSG_WAITFORONE
+                } else {
+                    libc::MSG_DONTWAIT
+                },
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+                _ => Err(e),
+            };
+        }
+        let r = r.unsigned_abs() as usize;
+        // A frame longer than its buffer comes back truncated to the buffer, as with recv.
+        lens.extend(
+            msgs[..r]
+                .iter()
+                .zip(bufs.iter())
+                .map(|(m, b)| usize::try_from(m.msg_len).map_or(b.len(), |l| l.min(b.len()))),
+        );
+        Ok(r)
     }
 
     /// Receives one frame if one is queued (`Ok(None)` otherwise).
@@ -209,6 +309,20 @@ impl PacketSocket {
         }
         self.try_recv(buf)
     }
+}
+
+/// One message header per iovec, for sendmmsg/recvmmsg on a bound socket (no address).
+fn mmsghdrs(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iovs.iter_mut()
+        .map(|iov| {
+            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value
+            // (no address, no control data).
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
 }
 
 impl AsRawFd for PacketSocket {
@@ -286,19 +400,63 @@ pub fn with_netns<T>(name: &str, f: impl FnOnce() -> T) -> io::Result<T> {
     Ok(out)
 }
 
-/// Reads at `offset` only if no waiting is needed (a page-cache hit), with
-/// `preadv2(RWF_NOWAIT)`. `Ok(None)`: it would block, came back short, or the file does not
-/// support it; the caller then queues the read on io_uring.
-pub fn pread_nowait(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<Option<usize>> {
-    let iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+/// Reads at `offset` into `bufs` one after the other, only if no waiting is needed (a
+/// page-cache hit), with `preadv2(RWF_NOWAIT)`. `Ok(None)`: it would block, came back short,
+/// or the file does not support it; the caller then queues the read on io_uring.
+pub fn pread_nowait(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<Option<usize>> {
+    let want = bufs.iter().map(|b| b.len()).sum();
+    nowait_result(preadv2(fd, bufs, offset, libc::RWF_NOWAIT), want)
+}
+
+/// `preadv2` into `bufs` one after the other at `offset` with `flags`: the raw result (bytes
+/// or -1 with errno set).
+fn preadv2(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64, flags: libc::c_int) -> isize {
+    let iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let (Ok(off), Ok(cnt)) = (
+        libc::off_t::try_from(offset),
+        libc::c_int::try_from(iovs.len()),
+    ) else {
+        // SAFETY: setting errno of this thread is always allowed.
+        unsafe { *libc::__errno_location() = libc::EINVAL };
+        return -1;
     };
+    // SAFETY: each iovec describes one buffer of `bufs`, valid and writable for the call.
+    unsafe { libc::preadv2(fd, iovs.as_ptr(), cnt, off, flags) }
+}
+
+/// Reads into `bufs` one after the other at `offset`, waiting for the disk if need be.
+/// Returns the bytes read.
+pub fn preadv(fd: RawFd, bufs: &mut [&mut [u8]], offset: u64) -> io::Result<usize> {
+    let n = preadv2(fd, bufs, offset, 0);
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// Writes `bufs` one after the other at `offset` with one `pwritev2` (std offers positional
+/// writes of one buffer only), durable on return with `dsync` (RWF_DSYNC). Returns the bytes
+/// written.
+pub fn pwritev(fd: RawFd, bufs: &[&[u8]], offset: u64, dsync: bool) -> io::Result<usize> {
+    let iovs: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
     let off =
         libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: iov describes `buf`, which is valid and writable for the duration of the call.
-    let n = unsafe { libc::preadv2(fd, &iov, 1, off, libc::RWF_NOWAIT) };
-    nowait_result(n, buf.len())
+    let cnt = libc::c_int::try_from(iovs.len())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+    // SAFETY: each iovec describes one buffer of `bufs`, valid for the call; the kernel only
+    // reads them.
+    let n = unsafe { libc::pwritev2(fd, iovs.as_ptr(), cnt, off, flags) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 fn nowait_result(n: isize, want: usize) -> io::Result<Option<usize>> {
@@ -324,11 +482,36 @@ mod tests {
         f.write_all_at(&[7u8; 8192], 0).unwrap();
         let mut buf = vec![0u8; 4096];
         assert_eq!(
-            pread_nowait(f.as_raw_fd(), &mut buf, 4096).unwrap(),
+            pread_nowait(f.as_raw_fd(), &mut [&mut buf[..]], 4096).unwrap(),
             Some(4096)
         );
         assert!(buf.iter().all(|b| *b == 7));
         // Past the end: short, so None (the caller falls back to io_uring).
-        assert_eq!(pread_nowait(f.as_raw_fd(), &mut buf, 8000).unwrap(), None);
+        assert_eq!(
+            pread_nowait(f.as_raw_fd(), &mut [&mut buf[..]], 8000).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn vectored_write_and_read_span_buffers() {
+        let f = tempfile::tempfile().unwrap();
+        let (a, b) = ([1u8; 1024], [2u8; 512]);
+        assert_eq!(pwritev(f.as_raw_fd(), &[&a, &b], 512, true).unwrap(), 1536);
+        let mut got = vec![0u8; 2048];
+        f.read_exact_at(&mut got, 0).unwrap();
+        assert!(got[..512].iter().all(|x| *x == 0));
+        assert!(got[512..1536].iter().all(|x| *x == 1));
+        assert!(got[1536..].iter().all(|x| *x == 2));
+        let (mut x, mut y) = ([0u8; 1000], [0u8; 536]);
+        assert_eq!(
+            pread_nowait(f.as_raw_fd(), &mut [&mut x[..], &mut y[..]], 512).unwrap(),
+            Some(1536)
+        );
+        assert!(x[..1000].iter().all(|v| *v == 1));
+        assert!(y[..24].iter().all(|v| *v == 1) && y[24..].iter().all(|v| *v == 2));
+        let mut z = [0u8; 512];
+        assert_eq!(preadv(f.as_raw_fd(), &mut [&mut z[..]], 1536).unwrap(), 512);
+        assert!(z.iter().all(|v| *v == 2));
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::process::{Child, Command, Stdio};
 
-use common::{can_run, run_bounded, NetPair, Target};
+use common::{can_run, export_args, run_bounded, sparse_file, NetPair, Target};
 
 struct Vblade(Child);
 
@@ -38,25 +38,9 @@ fn aoeping_and_aoecfg_answer_as_vblade_does() {
     }
     let net = NetPair::new(1500);
     let dir = tempfile::tempdir().unwrap();
-    let ours = dir.path().join("ours.img");
-    let theirs = dir.path().join("vblade.img");
-    for p in [&ours, &theirs] {
-        std::fs::File::create(p).unwrap().set_len(64 << 20).unwrap();
-    }
-    let _t = Target::start(
-        &net.t,
-        dir.path(),
-        &[
-            "--iface",
-            &net.tv,
-            "--shelf",
-            "7",
-            "--slot",
-            "1",
-            "--file",
-            ours.to_str().unwrap(),
-        ],
-    );
+    let ours = sparse_file(dir.path(), "ours.img", 64 << 20);
+    let theirs = sparse_file(dir.path(), "vblade.img", 64 << 20);
+    let _t = Target::start(&net.t, dir.path(), &export_args(&net.tv, 7, 1, &ours, &[]));
     let _v = Vblade(
         Command::new("timeout")
             .args([

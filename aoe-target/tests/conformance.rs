@@ -287,6 +287,26 @@ fn too_many_sectors_is_error_2() {
 }
 
 #[test]
+fn sectors_per_frame_follow_an_mtu_change() {
+    let mut rig = Rig::new(2);
+    assert_eq!(aoe_error(&rig.one(&read_ext(HOST, 0, 17))), Some(2));
+    // The driver saw the MTU go to 9000 (on a Query Config): replies advertise 17 sectors
+    // and 17-sector frames are served; receive buffers grow to hold them.
+    rig.engine.set_max_sectors(17);
+    assert_eq!(rig.engine.max_sectors(), 17);
+    assert!(rig.engine.frame_capacity() >= ATA_DATA + 17 * 512);
+    let c = rig.one(&config(HOST, ConfigCmd::Read, b""));
+    assert_eq!(ConfigArg::parse(&c).unwrap().sector_count, 17);
+    let data = pattern(3, 17 * 512);
+    assert_eq!(status(&rig.one(&write_ext(HOST, 3, &data))).0 & 0x01, 0);
+    let r = rig.one(&read_ext(HOST, 3, 17));
+    assert_eq!(&r[ATA_DATA..ATA_DATA + data.len()], &data[..]);
+    // And back down to 1500: 17 sectors are error 2 again.
+    rig.engine.set_max_sectors(2);
+    assert_eq!(aoe_error(&rig.one(&read_ext(HOST, 0, 17))), Some(2));
+}
+
+#[test]
 fn out_of_range_is_idnf_and_last_sector_works() {
     let mut rig = Rig::new(2);
     let last = SECTORS - 1;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use aoe_target::initiator::{InitiatorError, Request};
 use aoe_target::ThinMap;
-use common::{can_run, pattern, NetPair, Target};
+use common::{can_run, export_args, pattern, NetPair, Target};
 
 #[test]
 fn kill_9_loses_no_acknowledged_write_and_map_agrees() {
@@ -20,22 +20,8 @@ fn kill_9_loses_no_acknowledged_write_and_map_agrees() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("thin.img");
     let map = dir.path().join("thin.img.aoemap");
-    let args = [
-        "--iface",
-        &net.tv,
-        "--shelf",
-        "5",
-        "--slot",
-        "5",
-        "--file",
-        img.to_str().unwrap(),
-        "--thin",
-        "256M",
-        "--block-size",
-        "4K",
-        "--bufcnt",
-        "64",
-    ];
+    let extra = ["--thin", "256M", "--block-size", "4K", "--bufcnt", "64"];
+    let args = export_args(&net.tv, 5, 5, &img, &extra);
     let mut t = Target::start(&net.t, dir.path(), &args);
     let mut s = net.session(5, 5);
     s.set_op_timeout(Duration::from_secs(1));
@@ -143,25 +129,18 @@ fn out_of_space_fails_writes_cleanly_and_reads_go_on() {
     let _fs = Tmpfs(small.clone());
     let img = small.join("over.img");
     let map = dir.path().join("over.map");
+    let extra = [
+        "--thin",
+        "64M",
+        "--map",
+        map.to_str().unwrap(),
+        "--block-size",
+        "4K",
+    ];
     let t = Target::start(
         &net.t,
         dir.path(),
-        &[
-            "--iface",
-            &net.tv,
-            "--shelf",
-            "6",
-            "--slot",
-            "0",
-            "--file",
-            img.to_str().unwrap(),
-            "--thin",
-            "64M",
-            "--map",
-            map.to_str().unwrap(),
-            "--block-size",
-            "4K",
-        ],
+        &export_args(&net.tv, 6, 0, &img, &extra),
     );
     let mut s = net.session(6, 0);
     s.set_op_timeout(Duration::from_secs(20));

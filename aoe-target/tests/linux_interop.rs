@@ -1,17 +1,19 @@
 //! Interop with the Linux kernel initiator: Debian's stock kernel (cloud-amd64) with `aoe.ko`
 //! in a QEMU TCG guest, attached by a tap to a namespace where `aoe-target` runs. The guest's
 //! /init (tests/guest/aoe-init.sh) runs the I/O checks with busybox dd and O_DIRECT; the host
-//! kills and restarts the target while a write is in flight.
+//! kills and restarts the target while a write is in flight. Run at MTU 1500 and at 9000
+//! (jumbo frames on the tap and in the guest: the driver then moves 17 sectors a frame).
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{can_run, Target};
+use aoe_target::wire::sectors_per_frame;
+use common::{can_run, export_args, Target};
 
 struct Netns(String);
 
@@ -27,6 +29,13 @@ fn sh(cmd: &[&str]) {
         .status()
         .expect("spawn");
     assert!(st.success(), "{cmd:?}");
+}
+
+/// The guest image, built once per test binary: the tests run in parallel and must not build
+/// into the same cache at the same time.
+fn image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(build_image)
 }
 
 fn build_image() -> PathBuf {
@@ -57,32 +66,43 @@ fn build_image() -> PathBuf {
 
 #[test]
 fn linux_aoe_driver_in_qemu_against_target() {
-    if !can_run("linux_aoe_driver_in_qemu_against_target") {
-        return;
+    if can_run("linux_aoe_driver_in_qemu_against_target") {
+        guest_run(1500);
     }
-    let image = build_image();
+}
+
+#[test]
+fn linux_aoe_driver_with_jumbo_frames() {
+    if can_run("linux_aoe_driver_with_jumbo_frames") {
+        guest_run(9000);
+    }
+}
+
+/// Boots the guest on a tap of MTU `mtu` (the guest sets its eth0 to the same, from the
+/// kernel command line) and runs every check of tests/guest/aoe-init.sh.
+fn guest_run(mtu: u32) {
+    let image = image();
     let id = std::process::id() % 100_000;
-    let ns = Netns(format!("aoeQ{id}"));
-    let tap = format!("aoetap{id}");
+    let ns = Netns(format!("aoeQ{id}m{mtu}"));
+    let tap = format!("aoetap{id}{}", mtu / 1000);
     sh(&["ip", "netns", "add", &ns.0]);
     sh(&[
         "ip", "-n", &ns.0, "tuntap", "add", "dev", &tap, "mode", "tap",
     ]);
-    sh(&["ip", "-n", &ns.0, "link", "set", &tap, "up"]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns.0,
+        "link",
+        "set",
+        &tap,
+        "mtu",
+        &mtu.to_string(),
+        "up",
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("linux.img");
-    let args = [
-        "--iface",
-        &tap,
-        "--shelf",
-        "7",
-        "--slot",
-        "1",
-        "--file",
-        img.to_str().unwrap(),
-        "--thin",
-        "64M",
-    ];
+    let args = export_args(&tap, 7, 1, &img, &["--thin", "64M"]);
     let mut target = Some(Target::start(&ns.0, dir.path(), &args));
     let mut qemu = Command::new("timeout")
         .args([
@@ -100,7 +120,10 @@ fn linux_aoe_driver_in_qemu_against_target() {
         .arg(image.join("vmlinuz"))
         .arg("-initrd")
         .arg(image.join("initramfs.cpio"))
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet panic=-1 aoe_mtu={mtu}"),
+        ])
         .args([
             "-nodefaults",
             "-display",
@@ -195,9 +218,11 @@ fn linux_aoe_driver_in_qemu_against_target() {
             "check {w}; console:\n{console}"
         );
     }
+    // What the driver puts in a frame: (MTU - 36) / 512 sectors, as the target advertises.
+    let payload = sectors_per_frame(mtu) as usize * 512;
     assert!(
-        console.contains("AOE-PAYLOAD 1024"),
-        "1024-byte frames at MTU 1500:\n{console}"
+        console.contains(&format!("AOE-PAYLOAD {payload}\n")),
+        "{payload}-byte frames at MTU {mtu}:\n{console}"
     );
     // The restarted target received writes: the 24 MiB write was still in flight at the kill.
     let st = target.as_ref().unwrap().fresh_status();

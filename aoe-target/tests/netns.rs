@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use aoe_target::initiator::InitiatorError;
 use aoe_target::wire::{Command, Header, Mac, MIN_FRAME_LEN};
-use common::{can_run, pattern, run_bounded, target_bin, NetPair, Target};
+use common::{
+    can_run, export_args, pattern, run_bounded, sparse_file, target_bin, target_cmd, NetPair,
+    Scratch, Target,
+};
 
 #[test]
 fn serves_an_initiator_at_mtu_1500() {
@@ -21,20 +25,7 @@ fn serves_an_initiator_at_mtu_1500() {
     let t = Target::start(
         &net.t,
         dir.path(),
-        &[
-            "--iface",
-            &net.tv,
-            "--shelf",
-            "7",
-            "--slot",
-            "1",
-            "--file",
-            img.to_str().unwrap(),
-            "--thin",
-            "64M",
-            "--bufcnt",
-            "32",
-        ],
+        &export_args(&net.tv, 7, 1, &img, &["--thin", "64M", "--bufcnt", "32"]),
     );
     let mut s = net.session(7, 1);
     assert_eq!(s.target().bufcnt, 32);
@@ -85,30 +76,15 @@ fn serves_an_initiator_at_mtu_1500() {
 /// Also the page-cache (--writeback) path: reads and writes served without the ring.
 #[test]
 fn jumbo_frames_carry_17_sectors() {
-    if !can_run("jumbo_frames_carry_17_sectors") {
+    let Some(Scratch { net, dir, img }) =
+        Scratch::new("jumbo_frames_carry_17_sectors", 9000, 32 << 20)
+    else {
         return;
-    }
-    let net = NetPair::new(9000);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    };
     let t = Target::start(
         &net.t,
         dir.path(),
-        &[
-            "--iface",
-            &net.tv,
-            "--shelf",
-            "3",
-            "--slot",
-            "0",
-            "--file",
-            img.to_str().unwrap(),
-            "--writeback",
-        ],
+        &export_args(&net.tv, 3, 0, &img, &["--writeback"]),
     );
     let mut s = net.session(3, 0);
     assert_eq!(s.target().max_sectors, 17);
@@ -123,32 +99,48 @@ fn jumbo_frames_carry_17_sectors() {
     assert_eq!(st["exports"][0]["o_direct"], false);
 }
 
+/// The MTU is re-read on every Query Config (as vblade does): raised to 9000 on a running
+/// target, the next session gets 17 sectors per frame and they are served; lowered again, 2.
+/// In page-cache mode, so the pipelined frames of each transfer are gathered into runs
+/// (one preadv2/pwritev for adjacent frames) and land at the right offsets.
 #[test]
-fn sigterm_drains_and_exits_cleanly() {
-    if !can_run("sigterm_drains_and_exits_cleanly") {
+fn follows_mtu_changes() {
+    let Some(Scratch { net, dir, img }) = Scratch::new("follows_mtu_changes", 1500, 8 << 20) else {
         return;
-    }
-    let net = NetPair::new(1500);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
-    let mut t = Target::start(
+    };
+    let t = Target::start(
         &net.t,
         dir.path(),
-        &[
-            "--iface",
-            &net.tv,
-            "--shelf",
-            "1",
-            "--slot",
-            "1",
-            "--file",
-            img.to_str().unwrap(),
-        ],
+        &export_args(&net.tv, 3, 1, &img, &["--writeback"]),
     );
+    assert_eq!(net.session(3, 1).target().max_sectors, 2);
+    for (mtu, spf) in [(9000, 17), (1500, 2)] {
+        net.set_mtu(mtu);
+        let mut s = net.session(3, 1);
+        assert_eq!(s.target().max_sectors, spf, "MTU {mtu}");
+        let data = pattern(u64::from(mtu), 17 * 512 * 3);
+        s.write(40, &data).unwrap();
+        assert_eq!(s.read(40, 17 * 3).unwrap(), data, "MTU {mtu}");
+        let file = std::fs::read(&img).unwrap();
+        assert_eq!(
+            &file[40 * 512..40 * 512 + data.len()],
+            &data[..],
+            "MTU {mtu}"
+        );
+        let st = t.fresh_status();
+        assert_eq!(st["mtu"], mtu);
+        assert_eq!(st["sectors_per_frame"], spf);
+    }
+}
+
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let Some(Scratch { net, dir, img }) =
+        Scratch::new("sigterm_drains_and_exits_cleanly", 1500, 8 << 20)
+    else {
+        return;
+    };
+    let mut t = Target::start(&net.t, dir.path(), &export_args(&net.tv, 1, 1, &img, &[]));
     let mut s = net.session(1, 1);
     let data = pattern(5, 256 * 1024);
     s.write(0, &data).unwrap();
@@ -161,86 +153,32 @@ fn sigterm_drains_and_exits_cleanly() {
 
 #[test]
 fn operator_errors_are_clear() {
-    if !can_run("operator_errors_are_clear") {
+    let Some(Scratch { net, dir, img }) = Scratch::new("operator_errors_are_clear", 1500, 1 << 20)
+    else {
         return;
-    }
-    let net = NetPair::new(1500);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    let img = img.to_str().unwrap();
-    let bin = target_bin();
-    let (rc, out) = run_bounded(
-        20,
-        &net.t,
-        &[
-            bin, "--iface", "nosuch0", "--shelf", "1", "--slot", "1", "--file", img,
-        ],
-    );
+    };
+    let (rc, out) = run_bounded(20, &net.t, &target_cmd("nosuch0", 1, 1, &img, &[]));
     assert_eq!(rc, 1);
     assert!(
         out.contains("network interface \"nosuch0\" does not exist"),
         "{out}"
     );
-    let (rc, out) = run_bounded(
-        20,
-        &net.t,
-        &[
-            bin,
-            "--iface",
-            &net.tv,
-            "--shelf",
-            "1",
-            "--slot",
-            "1",
-            "--file",
-            "/nonexistent/disk.img",
-        ],
-    );
+    let missing = Path::new("/nonexistent/disk.img");
+    let (rc, out) = run_bounded(20, &net.t, &target_cmd(&net.tv, 1, 1, missing, &[]));
     assert_eq!(rc, 1);
     assert!(
         out.contains("backing file /nonexistent/disk.img") && out.contains("No such file"),
         "{out}"
     );
-    let (rc, out) = run_bounded(
-        20,
-        &net.t,
-        &[
-            bin, "--iface", &net.tv, "--shelf", "65535", "--slot", "1", "--file", img,
-        ],
-    );
+    let (rc, out) = run_bounded(20, &net.t, &target_cmd(&net.tv, 65535, 1, &img, &[]));
     assert_eq!(rc, 2, "{out}");
-    let (rc, _) = run_bounded(20, &net.t, &[bin, "--shelf", "1"]);
+    let (rc, _) = run_bounded(20, &net.t, &[target_bin(), "--shelf", "1"]);
     assert_eq!(rc, 2);
     // shelf.slot already served on the segment: a second target on the peer side sees the
     // first one answer its Query Config.
-    let _first = Target::start(
-        &net.t,
-        dir.path(),
-        &[
-            "--iface", &net.tv, "--shelf", "4", "--slot", "2", "--file", img,
-        ],
-    );
-    let (rc, out) = run_bounded(
-        20,
-        &net.i,
-        &[
-            bin,
-            "--iface",
-            &net.iv,
-            "--shelf",
-            "4",
-            "--slot",
-            "2",
-            "--file",
-            img,
-            "--probe-ms",
-            "1000",
-        ],
-    );
+    let _first = Target::start(&net.t, dir.path(), &export_args(&net.tv, 4, 2, &img, &[]));
+    let probe = ["--probe-ms", "1000"];
+    let (rc, out) = run_bounded(20, &net.i, &target_cmd(&net.iv, 4, 2, &img, &probe));
     assert_eq!(rc, 1);
     assert!(out.contains("e4.2 is already served on"), "{out}");
 }
@@ -252,11 +190,7 @@ fn config_file_serves_several_exports() {
     }
     let net = NetPair::new(1500);
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("raw.img");
-    std::fs::File::create(&raw)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    let raw = sparse_file(dir.path(), "raw.img", 4 << 20);
     let thin = dir.path().join("thin.img");
     let conf = dir.path().join("aoe.toml");
     std::fs::write(

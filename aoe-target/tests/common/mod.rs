@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -65,12 +66,19 @@ impl NetPair {
             "ip", "link", "add", &p.tv, "netns", &p.t, "type", "veth", "peer", "name", &p.iv,
             "netns", &p.i,
         ]);
+        p.set_mtu(mtu);
         for (ns, dev) in [(&p.t, &p.tv), (&p.i, &p.iv)] {
-            run(&["ip", "-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]);
             run(&["ip", "-n", ns, "link", "set", dev, "up"]);
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         p
+    }
+
+    /// Sets the MTU of both ends of the veth pair.
+    pub fn set_mtu(&self, mtu: u32) {
+        for (ns, dev) in [(&self.t, &self.tv), (&self.i, &self.iv)] {
+            run(&["ip", "-n", ns, "link", "set", dev, "mtu", &mtu.to_string()]);
+        }
     }
 
     /// A session from the initiator side.
@@ -105,7 +113,7 @@ pub fn target_bin() -> &'static str {
 
 impl Target {
     /// Starts the target in `ns` with `args`, and waits until its status file appears.
-    pub fn start(ns: &str, dir: &Path, args: &[&str]) -> Target {
+    pub fn start<S: AsRef<OsStr>>(ns: &str, dir: &Path, args: &[S]) -> Target {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let status = dir.join(format!("status{n}.json"));
         let log = dir.join(format!("target{n}.log"));
@@ -224,7 +232,11 @@ impl Drop for Target {
 }
 
 /// Runs a command bounded by `timeout` and returns (exit code, stdout+stderr).
-pub fn run_bounded(secs: u32, ns: &str, cmd: &[&str]) -> (i32, String) {
+pub fn run_bounded<S: AsRef<OsStr> + std::fmt::Debug>(
+    secs: u32,
+    ns: &str,
+    cmd: &[S],
+) -> (i32, String) {
     let out = Command::new("timeout")
         .args(["-s", "KILL", &secs.to_string(), "ip", "netns", "exec", ns])
         .args(cmd)
@@ -233,6 +245,62 @@ pub fn run_bounded(secs: u32, ns: &str, cmd: &[&str]) -> (i32, String) {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.code().unwrap_or(-1), text)
+}
+
+/// The flags of one export: `--iface IFACE --shelf S --slot N --file FILE`, then `extra`.
+pub fn export_args(iface: &str, shelf: u16, slot: u8, file: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--iface",
+        iface,
+        "--shelf",
+        &shelf.to_string(),
+        "--slot",
+        &slot.to_string(),
+        "--file",
+        file.to_str().expect("UTF-8 path"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// The target binary with [`export_args`], for [`run_bounded`].
+pub fn target_cmd(iface: &str, shelf: u16, slot: u8, file: &Path, extra: &[&str]) -> Vec<String> {
+    let mut cmd = vec![target_bin().to_string()];
+    cmd.extend(export_args(iface, shelf, slot, file, extra));
+    cmd
+}
+
+/// Creates `dir/name` as a sparse file of `size` bytes and returns its path.
+pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
+/// What most network tests start from: two namespaces joined at `mtu` and a scratch directory
+/// holding a sparse `disk.img` of `size` bytes.
+pub struct Scratch {
+    pub net: NetPair,
+    pub dir: tempfile::TempDir,
+    pub img: PathBuf,
+}
+
+impl Scratch {
+    /// `None` (the reason printed) when `test` cannot run here.
+    pub fn new(test: &str, mtu: u32, size: u64) -> Option<Scratch> {
+        if !can_run(test) {
+            return None;
+        }
+        let net = NetPair::new(mtu);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = sparse_file(dir.path(), "disk.img", size);
+        Some(Scratch { net, dir, img })
+    }
 }
 
 /// A deterministic pattern for write checks.

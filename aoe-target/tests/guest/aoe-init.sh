@@ -11,7 +11,12 @@ mount -t tmpfs tmp /tmp
 for m in $(cat /etc/modules.order); do
     insmod "/lib/modules/$m" || echo "AOE-LOG insmod $m failed"
 done
-ip link set eth0 up
+# The MTU of the tap on the host side, from the kernel command line (aoe_mtu=N).
+MTU=1500
+for w in $(cat /proc/cmdline); do
+    case $w in aoe_mtu=*) MTU=${w#aoe_mtu=} ;; esac
+done
+ip link set eth0 mtu "$MTU" up || echo "AOE-LOG cannot set MTU $MTU"
 
 say() { echo "AOE-$*"; }
 check() {
