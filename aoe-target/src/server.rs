@@ -76,6 +76,8 @@ pub struct Server {
     backings: Vec<Backing>,
     /// Read-only mappings of the page-cache (not O_DIRECT) backing files, by export.
     maps: Vec<Option<FileMap>>,
+    /// Replies whose data was sent from a mapping.
+    sent_from_map: u64,
     status_file: Option<PathBuf>,
     started: Instant,
     /// Receive buffers of the next recvmmsg.
@@ -151,6 +153,7 @@ impl Server {
             engine,
             backings,
             maps,
+            sent_from_map: 0,
             status_file: opts.status_file.clone(),
             started: Instant::now(),
             rx: Vec::with_capacity(MMSG),
@@ -194,6 +197,7 @@ impl Server {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "outstanding": self.engine.outstanding(),
             "ignored_frames": self.engine.ignored(),
+            "sent_from_map": self.sent_from_map,
             "exports": exports,
         })
     }
@@ -342,7 +346,10 @@ impl Server {
                         .flatten()
                 });
                 match range {
-                    Some(r) => (&frame[..ATA_DATA], Some(r)),
+                    Some(r) => {
+                        self.sent_from_map += 1;
+                        (&frame[..ATA_DATA], Some(r))
+                    }
                     None => (frame, None),
                 }
             })
