@@ -18,6 +18,20 @@ pub struct FrameBuf {
     cap: usize,
     len: usize,
     data_offset: usize,
+    mapped: Option<MappedData>,
+}
+
+/// Where the data of a reply is sent from instead of the buffer's data area: a range of an
+/// export's mapped backing file (see [`crate::mapped`]). The buffer then carries only the
+/// header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedData {
+    /// Index of the export.
+    pub export: usize,
+    /// Byte offset in the backing file.
+    pub offset: u64,
+    /// Bytes.
+    pub len: usize,
 }
 
 impl std::fmt::Debug for FrameBuf {
@@ -43,6 +57,7 @@ impl FrameBuf {
             cap: 0,
             len: 0,
             data_offset: 0,
+            mapped: None,
         }
     }
 
@@ -61,6 +76,7 @@ impl FrameBuf {
             cap,
             len: 0,
             data_offset,
+            mapped: None,
         }
     }
 
@@ -111,6 +127,23 @@ impl FrameBuf {
         let from = self.start + self.data_offset;
         let to = (from + len).min(self.start + self.cap);
         &self.mem[from..to]
+    }
+
+    /// Marks the data area as held in a mapped file instead (until [`FrameBuf::take_mapped`]
+    /// or [`FrameBuf::clear`]).
+    pub fn set_mapped(&mut self, m: MappedData) {
+        self.mapped = Some(m);
+    }
+
+    /// Takes the mark of [`FrameBuf::set_mapped`].
+    pub fn take_mapped(&mut self) -> Option<MappedData> {
+        self.mapped.take()
+    }
+
+    /// Empties the buffer for reuse: no bytes in use, no mapped data.
+    pub fn clear(&mut self) {
+        self.len = 0;
+        self.mapped = None;
     }
 
     /// Copies `bytes` in as the content (truncated to the capacity).

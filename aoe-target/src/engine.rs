@@ -313,7 +313,7 @@ impl Engine {
     /// Returns a buffer to the pool.
     pub fn recycle(&mut self, mut buf: FrameBuf) {
         if buf.capacity() == self.frame_cap && self.pool.len() < 4096 {
-            buf.set_len(0);
+            buf.clear();
             self.pool.push(buf);
         }
     }

@@ -6,15 +6,16 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::buf::FrameBuf;
+use crate::buf::{FrameBuf, MappedData};
 use crate::config::TargetOptions;
 use crate::engine::{Action, Engine, ExportSpec, IoOp, IoRequest, IoTarget};
+use crate::mapped::FileMap;
 use crate::store::{Backing, StoreError};
 use crate::sys::{self, PacketSocket, SysError};
 use crate::uring::{Op, Uring};
 use crate::wire::{
-    query_config_frame, sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac,
-    BROADCAST_MAJOR, HEADER_LEN, MIN_FRAME_LEN,
+    query_config_frame, sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac, ATA_DATA,
+    BROADCAST_MAJOR, HEADER_LEN, MIN_FRAME_LEN, SECTOR,
 };
 
 /// Token of the socket poll (engine I/O ids are small integers).
@@ -73,6 +74,10 @@ pub struct Server {
     sock: PacketSocket,
     engine: Engine,
     backings: Vec<Backing>,
+    /// Read-only mappings of the page-cache (not O_DIRECT) backing files, by export.
+    maps: Vec<Option<FileMap>>,
+    /// Replies whose data was sent from a mapping.
+    sent_from_map: u64,
     status_file: Option<PathBuf>,
     started: Instant,
     /// Receive buffers of the next recvmmsg.
@@ -99,6 +104,7 @@ impl Server {
         let sock = PacketSocket::open(&opts.interface, rcvbuf.max(4 << 20))?;
         let mut engine = Engine::new(sock.mac(), sectors_per_frame(sock.mtu()));
         let mut backings = Vec::new();
+        let mut maps = Vec::new();
         for o in &opts.exports {
             let store_err = |source| ServerError::Store {
                 shelf: o.shelf,
@@ -128,6 +134,17 @@ impl Server {
                 read_only: o.read_only,
             };
             engine.add_export(spec, b.map.take());
+            // Page-cache reads are sent from a mapping of the file; without one (mmap
+            // refused) they are read into the frame as before.
+            let map = (!b.direct)
+                .then(|| FileMap::new(&b.data, b.sectors * SECTOR as u64))
+                .and_then(|m| {
+                    m.map_err(|e| {
+                        log::warn!("e{}.{}: mmap of the backing file: {e}", o.shelf, o.slot)
+                    })
+                    .ok()
+                });
+            maps.push(map);
             backings.push(b);
         }
         Ok(Server {
@@ -135,6 +152,8 @@ impl Server {
             sock,
             engine,
             backings,
+            maps,
+            sent_from_map: 0,
             status_file: opts.status_file.clone(),
             started: Instant::now(),
             rx: Vec::with_capacity(MMSG),
@@ -178,6 +197,7 @@ impl Server {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "outstanding": self.engine.outstanding(),
             "ignored_frames": self.engine.ignored(),
+            "sent_from_map": self.sent_from_map,
             "exports": exports,
         })
     }
@@ -305,13 +325,38 @@ impl Server {
         Ok(())
     }
 
-    /// Sends the gathered replies. A frame the kernel refuses is dropped (the initiator
-    /// retransmits), logged at debug level only.
+    /// Sends the gathered replies. A reply whose data lies in a mapped backing file goes out
+    /// as its header followed by the mapped range. A frame the kernel refuses is dropped (the
+    /// initiator retransmits), logged at debug level only.
     fn flush_sends(&mut self) {
+        let marks: Vec<Option<MappedData>> =
+            self.tx.iter_mut().map(FrameBuf::take_mapped).collect();
+        let frames: Vec<_> = self
+            .tx
+            .iter()
+            .zip(&marks)
+            .map(|(buf, mark)| {
+                let frame = buf.as_slice();
+                let range = mark.and_then(|m| {
+                    let map = self.maps.get(m.export)?.as_ref()?;
+                    // Only a reply of header plus exactly the mapped data (reads of at
+                    // least one sector need no padding).
+                    (frame.len() == ATA_DATA + m.len)
+                        .then(|| map.range(m.offset, m.len))
+                        .flatten()
+                });
+                match range {
+                    Some(r) => {
+                        self.sent_from_map += 1;
+                        (&frame[..ATA_DATA], Some(r))
+                    }
+                    None => (frame, None),
+                }
+            })
+            .collect();
         let mut sent = 0;
-        while sent < self.tx.len() {
-            let frames: Vec<&[u8]> = self.tx[sent..].iter().map(FrameBuf::as_slice).collect();
-            match self.sock.send_many(&frames) {
+        while sent < frames.len() {
+            match self.sock.send_many(&frames[sent..]) {
                 Ok(n) => sent += n.max(1),
                 Err(e) => {
                     log::debug!("send failed: {e}");
@@ -319,6 +364,7 @@ impl Server {
                 }
             }
         }
+        drop(frames);
         for b in self.tx.drain(..) {
             self.engine.recycle(b);
         }
@@ -395,9 +441,26 @@ impl Server {
         let offset = io_offset(&first.op);
         let write = matches!(first.op, IoOp::Write { .. });
         let total: usize = run.iter().map(|r| io_len(&r.op)).sum();
+        let export = first.export;
         let done = if write {
             let bufs: Vec<&[u8]> = run.iter().map(|r| r.buf.data(io_len(&r.op))).collect();
             sys::pwritev(fd, &bufs, offset, false).map(Some)
+        } else if let Some(map) = &self.maps[export] {
+            // Resident data is sent from the mapping (one copy, page cache to packet,
+            // instead of two through the frame); the rest goes to the ring.
+            if map.range(offset, total).is_some_and(|r| r.resident()) {
+                for mut r in run {
+                    let len = io_len(&r.op);
+                    r.buf.set_mapped(MappedData {
+                        export,
+                        offset: io_offset(&r.op),
+                        len,
+                    });
+                    self.engine.on_io_done(r.id, Ok(len), r.buf);
+                }
+                return Ok(());
+            }
+            Ok(None)
         } else {
             let mut bufs: Vec<&mut [u8]> = run
                 .iter_mut()

@@ -1,5 +1,6 @@
 //! Small wrappers over the Linux calls std does not offer: AF_PACKET sockets, interface
-//! queries, fallocate, O_DIRECT alignment, signal flags. All `unsafe` of the crate lives here.
+//! queries, fallocate, O_DIRECT alignment, signal flags. All `unsafe` of the crate lives here and in [`crate::uring`] and
+//! [`crate::mapped`].
 
 use std::ffi::CString;
 use std::fs::File;
@@ -9,6 +10,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::mapped::MappedRange;
 use crate::wire::{Mac, ETHERTYPE_AOE};
 
 /// Errors of the system wrappers.
@@ -194,19 +196,39 @@ impl PacketSocket {
     }
 
     /// Sends `frames` with as few calls as possible (sendmmsg); returns how many the kernel
-    /// took in this call (at least one unless it failed).
-    pub fn send_many(&self, frames: &[&[u8]]) -> io::Result<usize> {
-        let mut iovs: Vec<libc::iovec> = frames
-            .iter()
-            .map(|f| libc::iovec {
-                iov_base: f.as_ptr().cast_mut().cast(),
-                iov_len: f.len(),
+    /// took in this call (at least one unless it failed). A frame is its bytes followed, when
+    /// given, by a range of a mapped file (gathered by the kernel: the data is copied once,
+    /// from the page cache into the packet).
+    pub fn send_many(&self, frames: &[(&[u8], Option<MappedRange<'_>>)]) -> io::Result<usize> {
+        // Two iovecs per frame, laid out before any header points at them.
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(frames.len() * 2);
+        for (head, tail) in frames {
+            iovs.push(libc::iovec {
+                iov_base: head.as_ptr().cast_mut().cast(),
+                iov_len: head.len(),
+            });
+            iovs.push(tail.map_or(
+                libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+                |t| t.iovec(),
+            ));
+        }
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .chunks_exact_mut(2)
+            .zip(frames)
+            .map(|(pair, (_, tail))| {
+                let mut m = zeroed_mmsghdr();
+                m.msg_hdr.msg_iov = pair.as_mut_ptr();
+                m.msg_hdr.msg_iovlen = if tail.is_some() { 2 } else { 1 };
+                m
             })
             .collect();
-        let mut msgs = mmsghdrs(&mut iovs);
         let n = libc::c_uint::try_from(msgs.len()).unwrap_or(libc::c_uint::MAX);
-        // SAFETY: every mmsghdr points at one iovec of `iovs`, each describing a frame of
-        // `frames`; all outlive the call, and the kernel only reads the frames.
+        // SAFETY: every mmsghdr points at one or two iovecs of `iovs`: a frame of `frames`
+        // and a range checked to lie inside a live mapping (borrowed by `frames`); all outlive
+        // the call, and the kernel only reads them.
         let r = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), n, 0) };
         usize::try_from(r).map_err(|_| io::Error::last_os_error())
     }
@@ -311,13 +333,17 @@ impl PacketSocket {
     }
 }
 
-/// One message header per iovec, for sendmmsg/recvmmsg on a bound socket (no address).
+/// An empty message header (no address, no control data, no iovec yet).
+fn zeroed_mmsghdr() -> libc::mmsghdr {
+    // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// One message header per iovec, for recvmmsg on a bound socket (no address).
 fn mmsghdrs(iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
     iovs.iter_mut()
         .map(|iov| {
-            // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a valid value
-            // (no address, no control data).
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            let mut m = zeroed_mmsghdr();
             m.msg_hdr.msg_iov = iov;
             m.msg_hdr.msg_iovlen = 1;
             m

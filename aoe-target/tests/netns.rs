@@ -99,6 +99,62 @@ fn jumbo_frames_carry_17_sectors() {
     assert_eq!(st["exports"][0]["o_direct"], false);
 }
 
+/// Page-cache reads are sent from a mapping of the backing file: what was written through
+/// the target reads back from it; data written to the file behind the target's back and
+/// dropped from the page cache comes through the ring; and a file truncated under the
+/// running target (the mapping now reaches past its end) reads as zeros past the new end
+/// (the pages left the page cache, so the read goes to the ring and comes back short), with
+/// no SIGBUS, and the rest still reads.
+#[test]
+fn page_cache_reads_come_from_the_mapping() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let Some(Scratch { net, dir, img }) =
+        Scratch::new("page_cache_reads_come_from_the_mapping", 1500, 8 << 20)
+    else {
+        return;
+    };
+    let t = Target::start(
+        &net.t,
+        dir.path(),
+        &export_args(&net.tv, 3, 2, &img, &["--writeback"]),
+    );
+    let mut s = net.session(3, 2);
+    let data = pattern(5, 64 * 512);
+    s.write(100, &data).unwrap();
+    assert_eq!(s.read(100, 64).unwrap(), data);
+    let mapped = t.fresh_status()["sent_from_map"].as_u64().unwrap();
+    assert!(mapped >= 32, "{mapped} replies sent from the mapping");
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let behind = pattern(6, 16 * 512);
+    f.write_all_at(&behind, 2000 * 512).unwrap();
+    f.sync_all().unwrap();
+    // SAFETY: fadvise on a valid descriptor has no memory effects.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0);
+    assert_eq!(s.read(2000, 16).unwrap(), behind);
+
+    // Cached pages past the future end, sent from the mapping once, then cut off.
+    let tail = pattern(7, 8 * 512);
+    s.write(12000, &tail).unwrap();
+    assert_eq!(s.read(12000, 8).unwrap(), tail);
+    f.set_len(4 << 20).unwrap();
+    assert_eq!(
+        s.read(12000, 8).unwrap(),
+        vec![0u8; 8 * 512],
+        "past the new end of the file reads as zeros (a short read)"
+    );
+    assert_eq!(s.read(100, 64).unwrap(), data);
+    let st = t.fresh_status();
+    assert_eq!(st["outstanding"], 0);
+    assert_eq!(st["exports"][0]["io_errors"], 0);
+}
+
 /// The MTU is re-read on every Query Config (as vblade does): raised to 9000 on a running
 /// target, the next session gets 17 sectors per frame and they are served; lowered again, 2.
 /// In page-cache mode, so the pipelined frames of each transfer are gathered into runs
