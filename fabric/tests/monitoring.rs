@@ -113,8 +113,8 @@ fn agent_to_aggregator_to_rrd_and_prometheus() {
     );
     // The guest whose per-guest, per-vCPU, memory and VIF metrics are checked: the real vmm
     // and its built-in guest (see `test_vmm`). Its STREAM run must outlast the intervals below
-    // (about 8 s): with 2 GiB, 10 passes took 9.7 s on an idle machine here, so 32 passes
-    // (the vmm takes at most 64), and the test's end stops it.
+    // (about 8 s, up to 23 s): with 2 GiB, 32 passes took 5.8 s after a 4.7 s prefault on an idle
+    // machine here, so 64 passes (the most the vmm takes), and the test's end stops it.
     let vmm = test_vmm(p.dir.path());
     let memory_bytes = 2u64 << 30;
     let _agent = fabricd(
@@ -137,7 +137,7 @@ fn agent_to_aggregator_to_rrd_and_prometheus() {
     let (code, _, err) = p.ctl_b().run(
         &[
             "vm", "create", "agent-a", "--name", "m1", "--vcpus", "2", "--memory", "2G",
-            "--passes", "32", "--vif", &p.ia,
+            "--passes", "64", "--vif", &p.ia,
         ],
         t,
     );
@@ -166,7 +166,16 @@ fn agent_to_aggregator_to_rrd_and_prometheus() {
     let ncpu = fabric::hostinfo::parse_cpulist(&cpus).unwrap().len() as f64;
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
     let mem_total = fabric::hostinfo::meminfo_field(&meminfo, "MemTotal").unwrap() as f64;
-    let host = last_known(&rrd_dir.join("agent-a/host.rrd"), &sock);
+    // The newest complete row may still be one buffered before the VM started (rows after the
+    // reconnection can lack a value until rrdcached writes them): wait for one that counts it.
+    let until = Instant::now() + Duration::from_secs(15);
+    let host = loop {
+        let host = last_known(&rrd_dir.join("agent-a/host.rrd"), &sock);
+        if host["guests"] == 1.0 || Instant::now() > until {
+            break host;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     println!("host.rrd last row: {host:?}");
     assert_eq!(host["pcpus"], ncpu);
     assert_eq!(host["mem_total"], mem_total);
