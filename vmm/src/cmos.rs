@@ -15,6 +15,8 @@
 pub const PORT_INDEX: u16 = 0x70;
 /// The data port.
 pub const PORT_DATA: u16 = 0x71;
+/// Both ports, for dispatching port I/O.
+pub const PORTS: std::ops::RangeInclusive<u16> = PORT_INDEX..=PORT_DATA;
 
 const SECONDS: u8 = 0x00;
 const MINUTES: u8 = 0x02;

@@ -312,7 +312,7 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<VcpuEnd, VcpuError> {
                     // Output errors (a closed pipe) must not stop the guest.
                     let _ = console.write((p - PORT_COM1) as u8, data[0]);
                 }
-                p if linux && (p == cmos::PORT_INDEX || p == cmos::PORT_DATA) => {
+                p if linux && cmos::PORTS.contains(&p) => {
                     ctx.cmos.lock().expect("cmos lock").write(p, data[0]);
                 }
                 // i8042 "pulse reset line" (Linux's reboot=k).
@@ -343,7 +343,7 @@ fn run_loop(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<VcpuEnd, VcpuError> {
                         .lock()
                         .expect("console lock")
                         .read((port - PORT_COM1) as u8);
-                } else if linux && (port == cmos::PORT_INDEX || port == cmos::PORT_DATA) {
+                } else if linux && cmos::PORTS.contains(&port) {
                     data[0] = ctx.cmos.lock().expect("cmos lock").read(port);
                 } else if linux && matches!(port, 0x60 | 0x64 | SLEEP_STATUS_PORT) {
                     // Empty keyboard controller, no sleep in progress.
