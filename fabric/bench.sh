@@ -5,7 +5,10 @@
 #   - authenticated frames per second: seal+open on one core, and sealed frames sent by one core
 #     and verified by another;
 #   - loss recovery at 1% random drop on each side's ingress (nftables): fabric vs TCP p99.
-# Needs root, iproute2, nftables. Usage: fabric/bench.sh [COUNT]   (default 10000)
+# The round trips run twice, pinned the same way for every protocol: each end on its own CPU
+# (client CPU 0, servers CPU 1: the shape of two hosts, which decides the p50 goal) and both ends
+# on CPU 0 (nothing overlaps: the sum of both ends' CPU work per round trip shows).
+# Needs root, iproute2, nftables, util-linux (taskset). Usage: fabric/bench.sh [COUNT]   (default 10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT=${1:-10000}
@@ -45,7 +48,7 @@ show() { # label, name
     printf '%-40s p50 %5s µs [%s]   p99 %7s µs [%s]\n' "$1" "$(median $TMP/$2.p50)" "$(range $TMP/$2.p50)" \
         "$(median $TMP/$2.p99)" "$(range $TMP/$2.p99)"
 }
-fabric_ping() { inA $BIN/fabric --iface $VA --key-file $TMP/key --json --timeout-ms 10000 ping hostb --count "$COUNT" --window 1; }
+fabric_ping() { client $BIN/fabric --iface $VA --key-file $TMP/key --json --timeout-ms 10000 ping hostb --count "$COUNT" --window 1; }
 start_servers() {
     inB env RUST_LOG=warn $BIN/fabricd --iface $VB --name hostb --key-file $TMP/key --monitor-interval-secs 0 >$TMP/fabricd.log 2>&1 &
     inB $BIN/fabric-bench udp-echo --addr 198.18.0.2:7001 & inB $BIN/fabric-bench tcp-echo --addr 198.18.0.2:7002 &
@@ -68,27 +71,40 @@ NFT
     done
 }
 REPS=${REPS:-5}
-echo "## round trip, 64-byte payload, one in flight, no loss: median [range] of $REPS runs, interleaved"
+CLIENT_CPU=0
+client() { inA taskset -c "$CLIENT_CPU" "$@"; }
+pin_servers() { # CPU: moves every thread of every process in namespace B there
+    for p in $(ip netns pids $B); do taskset -a -p -c "$1" "$p" >/dev/null; done
+}
+round_trips() { # title, client CPU, server CPU, file prefix
+    CLIENT_CPU=$2
+    pin_servers "$3"
+    echo "## round trip, 64-byte payload, one in flight, no loss, $1: median [range] of $REPS runs, interleaved"
+    for rep in $(seq "$REPS"); do
+        measure "$4fabric" fabric_ping
+        measure "$4raw" client $BIN/fabric-bench raw-ping --iface $VA --count "$COUNT"
+        measure "$4udp" client $BIN/fabric-bench udp-ping --addr 198.18.0.2:7001 --count "$COUNT"
+        measure "$4tcp" client $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+    done
+    show "fabric (AEAD, reliable, exactly-once)" "$4fabric"
+    show "raw AF_PACKET ping-pong" "$4raw"
+    show "UDP" "$4udp"
+    show "TCP (TCP_NODELAY)" "$4tcp"
+    echo "fabric p50 / raw p50 = $(awk -v f="$(median "$TMP/$4fabric.p50")" -v r="$(median "$TMP/$4raw.p50")" 'BEGIN {printf "%.2f", f / r}') ($1)"
+}
 ip netns exec $B $BIN/fabric-bench raw-echo --iface $VB & RAWECHO=$!
 sleep 0.2
-for rep in $(seq "$REPS"); do
-    measure fabric fabric_ping
-    measure raw inA $BIN/fabric-bench raw-ping --iface $VA --count "$COUNT"
-    measure udp inA $BIN/fabric-bench udp-ping --addr 198.18.0.2:7001 --count "$COUNT"
-    measure tcp inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
-done
+round_trips "each end on its own CPU (client CPU 0, server CPU 1)" 0 1 ""
+round_trips "both ends on CPU 0" 0 0 one_cpu_
 kill $RAWECHO 2>/dev/null || true
-show "fabric (AEAD, reliable, exactly-once)" fabric
-show "raw AF_PACKET ping-pong" raw
-show "UDP" udp
-show "TCP (TCP_NODELAY)" tcp
-echo "fabric p50 / raw p50 = $(awk -v f="$(median $TMP/fabric.p50)" -v r="$(median $TMP/raw.p50)" 'BEGIN {printf "%.2f", f / r}')"
+CLIENT_CPU=0
+pin_servers 1
 
 echo "## loss recovery: 1% random drop on each side's ingress (nftables), median [range] of $REPS runs"
 loss 1
 for rep in $(seq "$REPS"); do
     measure fabric_loss fabric_ping
-    measure tcp_loss inA $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
+    measure tcp_loss client $BIN/fabric-bench tcp-ping --addr 198.18.0.2:7002 --count "$COUNT"
 done
 loss 0
 show "fabric, 1% loss" fabric_loss

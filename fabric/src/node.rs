@@ -1,18 +1,27 @@
 //! An [`Endpoint`] driven by real sockets and a real clock: the event loop shared by `fabricd`,
-//! the CLI and the bench. One thread: `ppoll` on both sockets and a [`Timer`] kept armed for the
-//! endpoint's next timeout (moved only when an earlier one appears), so a round trip costs one
-//! `ppoll`, one `recvmmsg` and one `sendto` per side and no timer set-up.
+//! the CLI and the bench. One thread: an epoll set holding both sockets and a [`Timer`] kept
+//! armed for the endpoint's next timeout (moved only when an earlier one appears), so a round
+//! trip costs one `epoll_wait`, one `recvmmsg` and one `sendto` per side and no timer set-up.
+//! epoll rather than `ppoll` because the set is registered once, where `ppoll` polls every fd
+//! and adds and removes a wait-queue entry per fd on every wait.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::auth::{self, AuthError, KeyFile, Keyring, Sealer};
 use crate::endpoint::{Config, Endpoint, Event};
 use crate::frame::{ETHERTYPE_CONTROL, ETHERTYPE_MONITOR};
 use crate::packet::{self, PacketError, PacketSocket, RecvBatch, Timer};
+
+/// The epoll set's tokens: the control socket, the monitoring socket, the timer.
+const TOKENS: usize = 3;
+const CTL_TOKEN: usize = 0;
+const MON_TOKEN: usize = 1;
+const TIMER_TOKEN: usize = 2;
 
 /// Errors of this module.
 #[derive(Debug, Error)]
@@ -44,6 +53,7 @@ pub struct Node {
     key_mtime: Option<SystemTime>,
     next_key_check: Instant,
     batch: RecvBatch,
+    epoll: Epoll,
     timer: Timer,
     /// When `timer` fires (µs on [`Node::now`]'s clock), if armed.
     armed: Option<u64>,
@@ -60,6 +70,19 @@ impl Node {
         let ctl = PacketSocket::open(iface, ETHERTYPE_CONTROL)?;
         let mon = PacketSocket::open(iface, ETHERTYPE_MONITOR)?;
         let timer = Timer::new().map_err(|e| NodeError::Io(iface.into(), e))?;
+        let epoll = Epoll::new().map_err(|e| NodeError::Io("epoll".into(), e))?;
+        for (token, fd) in [ctl.as_raw_fd(), mon.as_raw_fd(), timer.as_raw_fd()]
+            .into_iter()
+            .enumerate()
+        {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token as u64),
+                )
+                .map_err(|e| NodeError::Io("epoll".into(), e))?;
+        }
         let start = Instant::now();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -83,6 +106,7 @@ impl Node {
             key_mtime: mtime(key_file),
             next_key_check: start + KEY_RELOAD_EVERY,
             batch: RecvBatch::default(),
+            epoll,
             timer,
             armed: None,
         })
@@ -173,52 +197,69 @@ impl Node {
             .next_timeout()
             .min(deadline)
             .min(now + KEY_RELOAD_EVERY.as_micros() as u64);
-        let fds = [
-            self.ctl.as_raw_fd(),
-            self.mon.as_raw_fd(),
-            self.timer.as_raw_fd(),
-        ];
-        let ready = if wake <= now {
-            packet::wait_readable(&fds[..2], libc::POLLIN, Some(Duration::ZERO))
+        // A timeout already due: only look at what is there (0); otherwise sleep until a
+        // frame or the timer (-1: the timer bounds the wait).
+        let timeout_ms = if wake <= now {
+            0
         } else {
             self.arm(wake, now)?;
-            packet::wait_readable(&fds, libc::POLLIN, None)
+            -1
+        };
+        let mut events = [EpollEvent::default(); TOKENS];
+        let n = match self.epoll.wait(timeout_ms, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(NodeError::Io("epoll".into(), e)),
+        };
+        let mut ready = [false; TOKENS];
+        for ev in &events[..n] {
+            if let Some(r) = ready.get_mut(ev.data() as usize) {
+                *r = true;
+            }
         }
-        .map_err(|e| NodeError::Io(self.ctl.iface().into(), e))?;
-        if ready.get(2) == Some(&true) {
+        if ready[TIMER_TOKEN] {
             self.armed = None;
             self.timer
                 .consume()
                 .map_err(|e| NodeError::Io("timerfd".into(), e))?;
         }
-        for (i, &r) in ready.iter().take(2).enumerate() {
-            if !r {
-                continue;
-            }
-            let sock = if i == 0 { &self.ctl } else { &self.mon };
-            // Bounded so one busy socket cannot starve the timers.
-            for _ in 0..16 {
-                match sock.recv_batch(&mut self.batch) {
-                    Ok(n) => {
-                        let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(0);
-                        for f in self.batch.frames() {
-                            self.ep.handle_frame(now, f);
-                        }
-                        if n < packet::BATCH {
-                            break;
-                        }
-                    }
-                    // The interface went down (ENETDOWN is reported once per socket): the
-                    // link supervision notices the silence; keep running.
-                    Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
-                        log::warn!("{} is down", sock.iface());
-                        break;
-                    }
-                    Err(e) => return Err(NodeError::Io(sock.iface().into(), e)),
-                }
+        for token in [CTL_TOKEN, MON_TOKEN] {
+            if ready[token] {
+                self.receive(token)?;
             }
         }
         self.reload_keys();
         self.flush()
+    }
+
+    /// Takes the frames waiting on the socket `token` names and hands them to the endpoint.
+    fn receive(&mut self, token: usize) -> Result<(), NodeError> {
+        let sock = if token == CTL_TOKEN {
+            &self.ctl
+        } else {
+            &self.mon
+        };
+        // Bounded so one busy socket cannot starve the timers.
+        for _ in 0..16 {
+            match sock.recv_batch(&mut self.batch) {
+                Ok(n) => {
+                    let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(0);
+                    for f in self.batch.frames() {
+                        self.ep.handle_frame(now, f);
+                    }
+                    if n < packet::BATCH {
+                        break;
+                    }
+                }
+                // The interface went down (ENETDOWN is reported once per socket): the
+                // link supervision notices the silence; keep running.
+                Err(e) if e.raw_os_error() == Some(libc::ENETDOWN) => {
+                    log::warn!("{} is down", sock.iface());
+                    break;
+                }
+                Err(e) => return Err(NodeError::Io(sock.iface().into(), e)),
+            }
+        }
+        Ok(())
     }
 }
