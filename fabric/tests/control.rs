@@ -12,8 +12,9 @@ use serde_json::Value;
 
 const REQUESTS: &str = "10000";
 
-/// Controller ns A — forwarder ns M — host ns B. Loss comes from nftables in B (both
-/// directions), delay/reordering/duplication from the forwarder in M.
+/// Controller ns A — forwarder ns M — host ns B. Where the kernel has netem, every impairment
+/// comes from netem on M's veths; elsewhere loss comes from nftables in B (both directions)
+/// and delay/reordering/duplication from the forwarder in M.
 struct Topo {
     a: Netns,
     m: Netns,
@@ -104,6 +105,104 @@ fn nft_drops(t: &Topo) -> u64 {
         .sum()
 }
 
+/// One impairment of the list, as `tc netem` options (used where the kernel has netem)
+/// and as our stand-ins: an nftables random-drop percentage and `fabric-impair` flags.
+struct Scenario {
+    name: &'static str,
+    netem: &'static [&'static str],
+    nft_loss: u32,
+    forwarder: &'static [&'static str],
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "1% loss",
+        netem: &["loss", "1%"],
+        nft_loss: 1,
+        forwarder: &[],
+    },
+    Scenario {
+        name: "10% loss",
+        netem: &["loss", "10%"],
+        nft_loss: 10,
+        forwarder: &[],
+    },
+    Scenario {
+        name: "reordering (0-2 ms jitter)",
+        netem: &["delay", "1ms", "1ms"],
+        nft_loss: 0,
+        forwarder: &["--jitter-ms", "2"],
+    },
+    Scenario {
+        name: "duplication (5%)",
+        netem: &["duplicate", "5%"],
+        nft_loss: 0,
+        forwarder: &["--dup", "5"],
+    },
+    Scenario {
+        name: "5 ms delay",
+        netem: &["delay", "5ms"],
+        nft_loss: 0,
+        forwarder: &["--delay-ms", "5"],
+    },
+];
+
+/// Runs `tc ARGS` in the middle namespace; returns (exit code, stderr).
+fn tc(t: &Topo, args: &[&str]) -> (i32, String) {
+    let mut c = t.m.cmd("tc");
+    c.args(args);
+    let (code, _, err) = run_timeout(c, Duration::from_secs(10));
+    (code, err)
+}
+
+/// True where the kernel has netem. `tc` parses netem's options itself, so on a kernel without
+/// it the only error is the kernel's "Specified qdisc kind is unknown".
+fn has_netem(t: &Topo) -> bool {
+    let (code, err) = tc(
+        t,
+        &[
+            "qdisc", "add", "dev", &t.ma, "root", "netem", "delay", "0ms",
+        ],
+    );
+    if code == 0 {
+        netem(t, &[]);
+        return true;
+    }
+    println!("tc netem: {}", err.trim());
+    false
+}
+
+/// Impairs both directions in the middle namespace with netem `opts` on the egress of its two
+/// veths (each frame passes one of them once); no options removes the qdiscs.
+fn netem(t: &Topo, opts: &[&str]) {
+    for dev in [&t.ma, &t.mb] {
+        if opts.is_empty() {
+            let _ = tc(t, &["qdisc", "del", "dev", dev, "root"]);
+            continue;
+        }
+        let mut args = vec!["qdisc", "replace", "dev", dev.as_str(), "root", "netem"];
+        args.extend_from_slice(opts);
+        let (code, err) = tc(t, &args);
+        assert_eq!(code, 0, "tc {args:?}: {err}");
+    }
+}
+
+/// Frames netem dropped on the middle namespace's veths.
+fn netem_drops(t: &Topo) -> u64 {
+    [&t.ma, &t.mb]
+        .iter()
+        .map(|dev| {
+            let mut c = t.m.cmd("tc");
+            c.args(["-s", "qdisc", "show", "dev", dev]);
+            let (_, out, _) = run_timeout(c, Duration::from_secs(10));
+            out.split("dropped ")
+                .skip(1)
+                .filter_map(|s| s.split(',').next()?.trim().parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 #[test]
 fn ten_thousand_requests_exactly_once_under_impairments() {
     if !can_run() {
@@ -116,21 +215,28 @@ fn ten_thousand_requests_exactly_once_under_impairments() {
     {
         panic!("nft (Debian package nftables) is missing: ci/packages/fabric.txt lists it");
     }
-    println!("impairment: no netem in this kernel; loss by nftables random drop, delay/reordering/duplication by fabric-impair");
     let t = topo();
+    let use_netem = has_netem(&t);
+    if use_netem {
+        println!(
+            "impairment: tc netem on the middle namespace's veths (fabric-impair only forwards)"
+        );
+    } else {
+        println!("impairment: no netem in this kernel; loss by nftables random drop, delay/reordering/duplication by fabric-impair");
+    }
     let _d = t.host();
     let ctl = t.ctl();
-    let scenarios: &[(&str, u32, &[&str])] = &[
-        ("1% loss", 1, &[]),
-        ("10% loss", 10, &[]),
-        ("reordering (0-2 ms jitter)", 0, &["--jitter-ms", "2"]),
-        ("duplication (5%)", 0, &["--dup", "5"]),
-        ("5 ms delay", 0, &["--delay-ms", "5"]),
-    ];
     let mut report = Vec::new();
-    for (name, loss, fwd) in scenarios {
-        let mut f = forwarder(&t, fwd);
-        nft_loss(&t, *loss);
+    for sc in SCENARIOS {
+        let name = sc.name;
+        let loss = sc.nft_loss > 0;
+        let mut f = if use_netem {
+            netem(&t, sc.netem);
+            forwarder(&t, &[])
+        } else {
+            nft_loss(&t, sc.nft_loss);
+            forwarder(&t, sc.forwarder)
+        };
         let before = ctl.stats("hostb");
         let t0 = Instant::now();
         let r = ctl.json(
@@ -148,8 +254,16 @@ fn ten_thousand_requests_exactly_once_under_impairments() {
         );
         let secs = t0.elapsed().as_secs_f64();
         let after = ctl.stats("hostb");
-        let drops = if *loss > 0 { nft_drops(&t) } else { 0 };
-        nft_loss(&t, 0);
+        let drops = match (loss, use_netem) {
+            (false, _) => 0,
+            (true, true) => netem_drops(&t),
+            (true, false) => nft_drops(&t),
+        };
+        if use_netem {
+            netem(&t, &[]);
+        } else {
+            nft_loss(&t, 0);
+        }
         f.stop();
         assert_eq!(r["completed"], 10_000, "{name}: {r}");
         assert_eq!(r["failed"], 0, "{name}: {r}");
@@ -162,11 +276,11 @@ fn ten_thousand_requests_exactly_once_under_impairments() {
         );
         assert_eq!(req(&after, "duplicates"), 0, "{name}");
         assert_eq!(req(&after, "out_of_order"), 0, "{name}: in order per peer");
-        if *loss > 0 {
-            assert!(drops > 0, "{name}: nftables dropped nothing");
+        if loss {
+            assert!(drops > 0, "{name}: the impairment dropped nothing");
         }
         report.push(format!(
-            "{name:<28} 10000 requests (32 in flight) in {secs:5.2} s: p50 {:>6} µs  p99 {:>7} µs  max {:>7} µs  (nft drops {drops})",
+            "{name:<28} 10000 requests (32 in flight) in {secs:5.2} s: p50 {:>6} µs  p99 {:>7} µs  max {:>7} µs  (drops {drops})",
             r["p50_us"], r["p99_us"], r["max_us"]
         ));
     }
