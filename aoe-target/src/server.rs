@@ -12,7 +12,7 @@ use crate::engine::{Action, Engine, ExportSpec, IoOp, IoRequest, IoTarget};
 use crate::mapped::FileMap;
 use crate::store::{Backing, StoreError};
 use crate::sys::{self, PacketSocket, SysError};
-use crate::uring::{Op, Uring};
+use crate::uring::{Completion, Op, Part, Uring};
 use crate::wire::{
     query_config_frame, sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac, ATA_DATA,
     BROADCAST_MAJOR, HEADER_LEN, MIN_FRAME_LEN, SECTOR,
@@ -78,6 +78,8 @@ pub struct Server {
     maps: Vec<Option<FileMap>>,
     /// Replies whose data was sent from a mapping.
     sent_from_map: u64,
+    /// O_DIRECT reads and writes that carried a run of more than one frame.
+    vectored_ios: u64,
     status_file: Option<PathBuf>,
     started: Instant,
     /// Receive buffers of the next recvmmsg.
@@ -154,6 +156,7 @@ impl Server {
             backings,
             maps,
             sent_from_map: 0,
+            vectored_ios: 0,
             status_file: opts.status_file.clone(),
             started: Instant::now(),
             rx: Vec::with_capacity(MMSG),
@@ -198,6 +201,7 @@ impl Server {
             "outstanding": self.engine.outstanding(),
             "ignored_frames": self.engine.ignored(),
             "sent_from_map": self.sent_from_map,
+            "vectored_ios": self.vectored_ios,
             "exports": exports,
         })
     }
@@ -254,11 +258,10 @@ impl Server {
                     poll_armed = true;
                 }
                 for c in ring.wait(tick).map_err(io("io_uring"))? {
-                    if c.token == POLL {
+                    if c.parts.first().is_some_and(|p| p.token == POLL) {
                         poll_armed = false;
                     } else {
-                        let id = usize::try_from(c.token).unwrap_or(usize::MAX);
-                        self.engine.on_io_done(id, c.result, c.buf);
+                        self.complete(&mut ring, c).map_err(io("io_uring"))?;
                     }
                 }
                 // Replies to what just completed go out before the next receive batch.
@@ -379,8 +382,10 @@ impl Server {
                 if self.run.is_empty() {
                     break;
                 }
-                // Completing the run queues its replies.
-                self.flush_run(ring)?;
+                // Completing the run queues its replies. Nothing else is waiting: with the
+                // ring idle too, the run is all there is to do.
+                let lone = ring.in_flight() == 0;
+                self.flush_run(ring, lone)?;
                 continue;
             };
             match a {
@@ -390,15 +395,15 @@ impl Server {
                         self.flush_sends();
                     }
                 }
-                Action::Io(req) if self.in_page_cache(&req) => {
+                Action::Io(req) if self.mergeable(&req) => {
                     let joins = self.run.last().is_some_and(|l| adjacent(l, &req));
                     if !joins || self.run.len() >= MAX_RUN {
-                        self.flush_run(ring)?;
+                        self.flush_run(ring, false)?;
                     }
                     self.run.push(req);
                 }
                 Action::Io(req) => {
-                    self.flush_run(ring)?;
+                    self.flush_run(ring, false)?;
                     let req = if ring.in_flight() == 0 && !self.engine.has_actions() {
                         self.lone_io(req)
                     } else {
@@ -414,15 +419,27 @@ impl Server {
         Ok(())
     }
 
-    /// True for I/O served from the page cache in the event loop (`--writeback` data reads
-    /// and writes), which can be gathered into runs.
-    fn in_page_cache(&self, req: &IoRequest) -> bool {
-        !self.backings[req.export].direct
-            && req.target == IoTarget::Data
-            && matches!(
+    /// True for data I/O that can be gathered into runs of adjacent frames: page-cache I/O
+    /// served in the event loop (`--writeback` data reads and writes), and O_DIRECT reads
+    /// and writes whose every buffer suits O_DIRECT (each frame's data area is page-aligned
+    /// and a whole number of sectors long, and the store only uses O_DIRECT where it needs
+    /// no more than sector alignment), so the frames' data areas can be the iovecs of one
+    /// read or write.
+    fn mergeable(&self, req: &IoRequest) -> bool {
+        if req.target != IoTarget::Data {
+            return false;
+        }
+        if self.backings[req.export].direct {
+            let len = io_len(&req.op);
+            matches!(req.op, IoOp::Read { .. } | IoOp::Write { .. })
+                && len % SECTOR == 0
+                && (req.buf.data(len).as_ptr() as usize) % SECTOR == 0
+        } else {
+            matches!(
                 req.op,
                 IoOp::Read { .. } | IoOp::Write { durable: false, .. }
             )
+        }
     }
 
     /// Page-cache mode: a read that hits the cache completes here without a ring round trip;
@@ -432,11 +449,14 @@ impl Server {
     /// together (at MTU 1500 a 4 KiB request is four 1 KiB frames) are adjacent on disk:
     /// the run takes them with one `preadv2`/`pwritev` instead of one call each (ggaoed
     /// merges them the same way). Reads that miss the cache go to the ring, frame by frame.
-    fn flush_run(&mut self, ring: &mut Uring) -> std::io::Result<()> {
+    fn flush_run(&mut self, ring: &mut Uring, lone: bool) -> std::io::Result<()> {
         let mut run = std::mem::take(&mut self.run);
         let Some(first) = run.first() else {
             return Ok(());
         };
+        if self.backings[first.export].direct {
+            return self.flush_direct_run(ring, run, lone);
+        }
         let fd = self.backings[first.export].data.as_raw_fd();
         let offset = io_offset(&first.op);
         let write = matches!(first.op, IoOp::Write { .. });
@@ -497,6 +517,120 @@ impl Server {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// O_DIRECT: the frames of a run (at MTU 1500 a 4 KiB request is four 1 KiB frames)
+    /// become one read or write of the disk, with one iovec per frame's data area, instead
+    /// of one each (the device then sees the request as the initiator made it, as fio's
+    /// single 4 KiB read). When one of the writes must be durable on completion (O_DSYNC: it
+    /// was queued with nothing else in flight), the whole run is written with RWF_DSYNC and
+    /// the others need no group fdatasync either. A run that is all there is to do (`lone`,
+    /// as at queue depth one) is done synchronously (see [`Server::lone_io`]); otherwise it
+    /// goes on the ring and [`Server::complete`] hands each frame its share of the result.
+    fn flush_direct_run(
+        &mut self,
+        ring: &mut Uring,
+        mut run: Vec<IoRequest>,
+        lone: bool,
+    ) -> std::io::Result<()> {
+        if run.len() == 1 {
+            let req = run.remove(0);
+            let req = if lone { self.lone_io(req) } else { Some(req) };
+            return match req {
+                Some(req) => self.push_ring(ring, req),
+                None => Ok(()),
+            };
+        }
+        self.vectored_ios += 1;
+        let fd = self.backings[run[0].export].data.as_raw_fd();
+        let offset = io_offset(&run[0].op);
+        let op = match run[0].op {
+            IoOp::Write { .. } => {
+                let dsync = run
+                    .iter()
+                    .any(|r| matches!(r.op, IoOp::Write { durable: true, .. }));
+                if dsync {
+                    for r in &run {
+                        self.engine.write_goes_dsync(r.id);
+                    }
+                }
+                Op::Writev { fd, offset, dsync }
+            }
+            _ => Op::Readv { fd, offset },
+        };
+        let parts: Vec<Part> = run
+            .into_iter()
+            .map(|r| Part {
+                token: r.id as u64,
+                len: io_len(&r.op),
+                buf: r.buf,
+            })
+            .collect();
+        if !lone {
+            return ring.push_parts(op, parts);
+        }
+        let mut parts = parts;
+        let result = match op {
+            Op::Writev { dsync, .. } => {
+                let bufs: Vec<&[u8]> = parts.iter().map(|p| p.buf.data(p.len)).collect();
+                sys::pwritev(fd, &bufs, offset, dsync)
+            }
+            _ => {
+                let mut bufs: Vec<&mut [u8]> =
+                    parts.iter_mut().map(|p| p.buf.data_mut(p.len)).collect();
+                sys::preadv(fd, &mut bufs, offset)
+            }
+        };
+        self.complete(ring, Completion { op, result, parts })
+    }
+
+    /// Hands the result of a backing I/O to the engine. A vectored read or write (a run of
+    /// frames) gives each frame its share: the frames it covered completely succeed; after a
+    /// short count or an error, the frames not covered are done again one by one on the ring,
+    /// so each gets its own result (a read past the end of a file shorter than advertised
+    /// reads as zeros, a failed sector fails only its frame, as without merging).
+    fn complete(&mut self, ring: &mut Uring, c: Completion) -> std::io::Result<()> {
+        let Completion { op, result, parts } = c;
+        let (fd, mut offset, dsync) = match op {
+            Op::Readv { fd, offset } => (fd, offset, None),
+            Op::Writev { fd, offset, dsync } => (fd, offset, Some(dsync)),
+            _ => {
+                if let Some(p) = parts.into_iter().next() {
+                    let id = usize::try_from(p.token).unwrap_or(usize::MAX);
+                    self.engine.on_io_done(id, result, p.buf);
+                }
+                return Ok(());
+            }
+        };
+        let mut left = match &result {
+            Ok(n) => *n,
+            Err(e) => {
+                log::debug!("vectored I/O of {} frames failed: {e}", parts.len());
+                0
+            }
+        };
+        for p in parts {
+            let id = usize::try_from(p.token).unwrap_or(usize::MAX);
+            if left >= p.len {
+                left -= p.len;
+                self.engine.on_io_done(id, Ok(p.len), p.buf);
+            } else {
+                left = 0;
+                let len = p.len;
+                let op = match dsync {
+                    Some(dsync) => Op::Write {
+                        fd,
+                        offset,
+                        len,
+                        dsync,
+                    },
+                    None => Op::Read { fd, offset, len },
+                };
+                ring.push(op, p.token, p.buf)?;
+            }
+            offset += p.len as u64;
         }
         Ok(())
     }
