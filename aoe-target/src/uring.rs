@@ -112,9 +112,23 @@ impl std::fmt::Debug for Uring {
 
 impl Uring {
     /// A ring with `entries` submission entries (a power of two).
+    ///
+    /// Only the thread that creates the ring submits to it, and only its calls to
+    /// [`Uring::wait`] reap completions, so the ring is set up for that (SINGLE_ISSUER,
+    /// DEFER_TASKRUN: the kernel runs the completion work when the loop asks for
+    /// completions, instead of interrupting it as each I/O ends); a kernel without these
+    /// flags (before 6.1) gets a plain ring.
     pub fn new(entries: u32) -> io::Result<Uring> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => IoUring::new(entries),
+                _ => Err(e),
+            })?;
         Ok(Uring {
-            ring: IoUring::new(entries)?,
+            ring,
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
