@@ -10,6 +10,7 @@ use crate::buf::{FrameBuf, MappedData};
 use crate::config::TargetOptions;
 use crate::engine::{Action, Engine, ExportSpec, IoOp, IoRequest, IoTarget};
 use crate::mapped::FileMap;
+use crate::pring::{Geometry, RxRing};
 use crate::store::{Backing, StoreError};
 use crate::sys::{self, PacketSocket, SysError};
 use crate::uring::{Completion, Op, Part, Uring};
@@ -24,6 +25,10 @@ const POLL: u64 = u64::MAX;
 const RECV_BATCH: usize = 256;
 /// Frames per recvmmsg/sendmmsg call.
 const MMSG: usize = 32;
+/// How long the idle loop waits for a frame before looking at signals and the status.
+const RECV_WAIT: Duration = Duration::from_millis(200);
+/// Bytes of the Ethernet header (the MTU counts what follows it).
+const ETH_HEADER: usize = 14;
 /// Most frames gathered into one page-cache read or write.
 const MAX_RUN: usize = 64;
 
@@ -82,7 +87,10 @@ pub struct Server {
     vectored_ios: u64,
     status_file: Option<PathBuf>,
     started: Instant,
-    /// Receive buffers of the next recvmmsg.
+    /// The PACKET_MMAP receive ring, when the kernel gave us one (else frames come by
+    /// recvmmsg).
+    rx_ring: Option<RxRing>,
+    /// Receive buffers of the next recvmmsg (or the frames just taken from the ring).
     rx: Vec<FrameBuf>,
     /// Frame lengths of the last recvmmsg.
     rx_lens: Vec<usize>,
@@ -104,7 +112,7 @@ impl Server {
             * 10_000
             * 2;
         let sock = PacketSocket::open(&opts.interface, rcvbuf.max(4 << 20))?;
-        let mut engine = Engine::new(sock.mac(), sectors_per_frame(sock.mtu()));
+        let mut engine = Engine::new(sock.mac(), 1);
         let mut backings = Vec::new();
         let mut maps = Vec::new();
         for o in &opts.exports {
@@ -149,6 +157,18 @@ impl Server {
             maps.push(map);
             backings.push(b);
         }
+        // After the probes (they read with recv). Slots for jumbo frames even on a smaller
+        // MTU, so a raised MTU is served without a new ring; four frames a buffer (a 4 KiB
+        // request at MTU 1500) of every export.
+        let frames = (engine.total_bufcnt() * 4).clamp(256, 4096);
+        let geo = Geometry::new((sock.mtu() as usize).max(9000) + ETH_HEADER, frames);
+        let rx_ring = RxRing::new(sock.as_raw_fd(), geo)
+            .map_err(|e| log::warn!("{e}; receiving with recvmmsg"))
+            .ok();
+        let ring_mtu = rx_ring
+            .as_ref()
+            .map(|r| r.geometry().max_frame() - ETH_HEADER);
+        engine.set_max_sectors(link_sectors(sock.mtu(), ring_mtu));
         Ok(Server {
             iface: opts.interface.clone(),
             sock,
@@ -159,6 +179,7 @@ impl Server {
             vectored_ios: 0,
             status_file: opts.status_file.clone(),
             started: Instant::now(),
+            rx_ring,
             rx: Vec::with_capacity(MMSG),
             rx_lens: Vec::with_capacity(MMSG),
             tx: Vec::with_capacity(MMSG),
@@ -202,6 +223,7 @@ impl Server {
             "ignored_frames": self.engine.ignored(),
             "sent_from_map": self.sent_from_map,
             "vectored_ios": self.vectored_ios,
+            "rx_ring": self.rx_ring.is_some(),
             "exports": exports,
         })
     }
@@ -237,7 +259,7 @@ impl Server {
         let fd = self.sock.as_raw_fd();
         self.announce();
         self.write_status();
-        let tick = Duration::from_millis(200);
+        let tick = RECV_WAIT;
         self.sock.set_recv_timeout(tick).map_err(io("socket"))?;
         let mut draining = false;
         let mut poll_armed = false;
@@ -297,6 +319,9 @@ impl Server {
     /// Hands every queued frame (up to a batch) to the engine; with `wait`, first waits up
     /// to the socket's receive timeout for one.
     fn receive_batch(&mut self, wait: bool) -> std::io::Result<()> {
+        if self.rx_ring.is_some() {
+            return self.receive_ring(wait);
+        }
         let mut taken = 0;
         while taken < RECV_BATCH {
             while self.rx.len() < MMSG {
@@ -309,12 +334,12 @@ impl Server {
                 self.sock
                     .recv_many(&mut slices, &mut self.rx_lens, wait && taken == 0)?
             };
-            for (mut buf, &len) in self.rx.drain(..n).zip(&self.rx_lens) {
+            let mut got: Vec<FrameBuf> = self.rx.drain(..n).collect();
+            for (buf, &len) in got.iter_mut().zip(&self.rx_lens) {
                 buf.set_len(len);
-                if is_config_query(buf.as_slice()) {
-                    follow_mtu(&mut self.sock, &mut self.engine);
-                }
-                self.engine.on_frame(buf);
+            }
+            for buf in got {
+                self.on_frame(buf);
             }
             taken += n;
             if n < MMSG {
@@ -326,6 +351,45 @@ impl Server {
             self.engine.recycle(b);
         }
         Ok(())
+    }
+
+    /// [`Server::receive_batch`] from the PACKET_MMAP ring: copies each frame the kernel
+    /// handed over into a frame buffer (whose data area is aligned for O_DIRECT) and gives
+    /// the slot back; waits (`poll`) only if `wait` and the ring is empty.
+    fn receive_ring(&mut self, wait: bool) -> std::io::Result<()> {
+        let Some(ring) = self.rx_ring.as_mut() else {
+            return Ok(());
+        };
+        if wait && !ring.ready() {
+            self.sock.wait_readable(RECV_WAIT)?;
+        }
+        while self.rx.len() < RECV_BATCH {
+            let Some(frame) = ring.take() else {
+                break;
+            };
+            let mut buf = self.engine.alloc();
+            buf.fill_from(frame.bytes());
+            drop(frame);
+            self.rx.push(buf);
+        }
+        let mut got = std::mem::take(&mut self.rx);
+        for buf in got.drain(..) {
+            self.on_frame(buf);
+        }
+        self.rx = got;
+        Ok(())
+    }
+
+    /// Hands one received frame to the engine (after following the MTU on a Query Config).
+    fn on_frame(&mut self, buf: FrameBuf) {
+        if is_config_query(buf.as_slice()) {
+            let ring_mtu = self
+                .rx_ring
+                .as_ref()
+                .map(|r| r.geometry().max_frame() - ETH_HEADER);
+            follow_mtu(&mut self.sock, &mut self.engine, ring_mtu);
+        }
+        self.engine.on_frame(buf);
     }
 
     /// Sends the gathered replies. A reply whose data lies in a mapped backing file goes out
@@ -751,13 +815,20 @@ fn is_config_query(frame: &[u8]) -> bool {
     Header::parse(frame).is_ok_and(|h| !h.response && h.command == Command::Config)
 }
 
+/// Sectors per frame at link MTU `mtu`, and no more than a receive-ring slot carries
+/// (`ring_mtu`: the ring's longest frame less its Ethernet header).
+fn link_sectors(mtu: u32, ring_mtu: Option<usize>) -> u8 {
+    let cap = ring_mtu.map_or(u32::MAX, |m| u32::try_from(m).unwrap_or(u32::MAX));
+    sectors_per_frame(mtu.min(cap))
+}
+
 /// Re-reads the interface MTU (vblade does so on every Query Config) and, when it changed,
 /// the sectors per frame with it, so the reply advertises what the link carries now.
-fn follow_mtu(sock: &mut PacketSocket, engine: &mut Engine) {
+fn follow_mtu(sock: &mut PacketSocket, engine: &mut Engine, ring_mtu: Option<usize>) {
     let before = sock.mtu();
     match sock.refresh_mtu() {
         Ok(mtu) if mtu != before => {
-            let spf = sectors_per_frame(mtu);
+            let spf = link_sectors(mtu, ring_mtu);
             log::info!("MTU {before} -> {mtu}: {spf} sectors per frame");
             engine.set_max_sectors(spf);
         }

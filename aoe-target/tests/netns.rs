@@ -121,6 +121,7 @@ fn durable_frames_merge_into_one_disk_io() {
     assert_eq!(&file[64 * 512..64 * 512 + data.len()], &data[..]);
     let st = t.fresh_status();
     assert_eq!(st["exports"][0]["o_direct"], true);
+    assert_eq!(st["rx_ring"], true, "frames come through the PACKET_MMAP ring");
     let merged = st["vectored_ios"].as_u64().unwrap();
     assert!(merged >= 2, "{merged} vectored disk I/Os");
 
