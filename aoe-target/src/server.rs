@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::buf::{FrameBuf, MappedData};
 use crate::config::TargetOptions;
 use crate::engine::{Action, Engine, ExportSpec, IoOp, IoRequest, IoTarget};
-use crate::mapped::FileMap;
+use crate::mapped::{FileMap, ResidencyGuess};
 use crate::pring::{Geometry, RxRing};
 use crate::store::{Backing, StoreError};
 use crate::sys::{self, PacketSocket, SysError};
@@ -81,6 +81,8 @@ pub struct Server {
     backings: Vec<Backing>,
     /// Read-only mappings of the page-cache (not O_DIRECT) backing files, by export.
     maps: Vec<Option<FileMap>>,
+    /// Whether the next read sent from each export's mapping needs a `mincore` first.
+    residency: Vec<ResidencyGuess>,
     /// Replies whose data was sent from a mapping.
     sent_from_map: u64,
     /// O_DIRECT reads and writes that carried a run of more than one frame.
@@ -174,6 +176,7 @@ impl Server {
             sock,
             engine,
             backings,
+            residency: vec![ResidencyGuess::default(); maps.len()],
             maps,
             sent_from_map: 0,
             vectored_ios: 0,
@@ -427,6 +430,10 @@ impl Server {
                 Ok(n) => sent += n.max(1),
                 Err(e) => {
                     log::debug!("send failed: {e}");
+                    // A page of the mapping gone (the file shrank): check every read again.
+                    if let (Some(m), (_, Some(_))) = (marks[sent], frames[sent]) {
+                        self.residency[m.export].distrust();
+                    }
                     sent += 1;
                 }
             }
@@ -532,7 +539,16 @@ impl Server {
         } else if let Some(map) = &self.maps[export] {
             // Resident data is sent from the mapping (one copy, page cache to packet,
             // instead of two through the frame); the rest goes to the ring.
-            if map.range(offset, total).is_some_and(|r| r.resident()) {
+            let guess = &mut self.residency[export];
+            let sendable = map.range(offset, total).is_some_and(|r| {
+                if !guess.should_check() {
+                    return true;
+                }
+                let resident = r.resident();
+                guess.record(resident);
+                resident
+            });
+            if sendable {
                 for mut r in run {
                     let len = io_len(&r.op);
                     r.buf.set_mapped(MappedData {
