@@ -626,6 +626,15 @@ impl Engine {
         }));
     }
 
+    /// Records that data write `id`, queued without O_DSYNC, is being written with it after
+    /// all (the driver merged it with an adjacent write that needs O_DSYNC into one durable
+    /// write): its completion then needs no group fdatasync.
+    pub fn write_goes_dsync(&mut self, id: usize) {
+        if let Some(Some(Pending::Write { dsync, .. })) = self.pending.get_mut(id) {
+            *dsync = true;
+        }
+    }
+
     fn map_durable(&self, e: usize, needs: &[(usize, u64)]) -> bool {
         self.exports[e]
             .map

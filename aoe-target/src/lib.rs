@@ -10,14 +10,15 @@
 //! - [`initiator`]: the initiator core (discovery, window, RTT-based retransmit).
 //! - [`store`] and [`config`]: backing stores (raw, thin, thick) and their options.
 //! - [`server`]: the AF_PACKET + io_uring event loop of the `aoe-target` binary, over the
-//!   fd wrappers in [`sys`], [`uring`] and [`mapped`] (page-cache reads sent from a mapping of
-//!   the backing file).
+//!   fd wrappers in [`sys`], [`uring`], [`mapped`] (page-cache reads sent from a mapping of
+//!   the backing file) and [`pring`] (the PACKET_MMAP receive ring).
 
 pub mod buf;
 pub mod config;
 pub mod engine;
 pub mod initiator;
 pub mod mapped;
+pub mod pring;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use crate::buf::{FrameBuf, MappedData};
 use crate::config::TargetOptions;
 use crate::engine::{Action, Engine, ExportSpec, IoOp, IoRequest, IoTarget};
-use crate::mapped::FileMap;
+use crate::mapped::{FileMap, ResidencyGuess};
+use crate::pring::{Geometry, RxRing};
 use crate::store::{Backing, StoreError};
 use crate::sys::{self, PacketSocket, SysError};
-use crate::uring::{Op, Uring};
+use crate::uring::{Completion, Op, Part, Uring};
 use crate::wire::{
     query_config_frame, sectors_per_frame, Command, ConfigArg, ConfigCmd, Header, Mac, ATA_DATA,
     BROADCAST_MAJOR, HEADER_LEN, MIN_FRAME_LEN, SECTOR,
@@ -24,6 +25,10 @@ const POLL: u64 = u64::MAX;
 const RECV_BATCH: usize = 256;
 /// Frames per recvmmsg/sendmmsg call.
 const MMSG: usize = 32;
+/// How long the idle loop waits for a frame before looking at signals and the status.
+const RECV_WAIT: Duration = Duration::from_millis(200);
+/// Bytes of the Ethernet header (the MTU counts what follows it).
+const ETH_HEADER: usize = 14;
 /// Most frames gathered into one page-cache read or write.
 const MAX_RUN: usize = 64;
 
@@ -76,11 +81,18 @@ pub struct Server {
     backings: Vec<Backing>,
     /// Read-only mappings of the page-cache (not O_DIRECT) backing files, by export.
     maps: Vec<Option<FileMap>>,
+    /// Whether the next read sent from each export's mapping needs a `mincore` first.
+    residency: Vec<ResidencyGuess>,
     /// Replies whose data was sent from a mapping.
     sent_from_map: u64,
+    /// O_DIRECT reads and writes that carried a run of more than one frame.
+    vectored_ios: u64,
     status_file: Option<PathBuf>,
     started: Instant,
-    /// Receive buffers of the next recvmmsg.
+    /// The PACKET_MMAP receive ring, when the kernel gave us one (else frames come by
+    /// recvmmsg).
+    rx_ring: Option<RxRing>,
+    /// Receive buffers of the next recvmmsg (or the frames just taken from the ring).
     rx: Vec<FrameBuf>,
     /// Frame lengths of the last recvmmsg.
     rx_lens: Vec<usize>,
@@ -102,7 +114,7 @@ impl Server {
             * 10_000
             * 2;
         let sock = PacketSocket::open(&opts.interface, rcvbuf.max(4 << 20))?;
-        let mut engine = Engine::new(sock.mac(), sectors_per_frame(sock.mtu()));
+        let mut engine = Engine::new(sock.mac(), 1);
         let mut backings = Vec::new();
         let mut maps = Vec::new();
         for o in &opts.exports {
@@ -147,15 +159,30 @@ impl Server {
             maps.push(map);
             backings.push(b);
         }
+        // After the probes (they read with recv). Slots for jumbo frames even on a smaller
+        // MTU, so a raised MTU is served without a new ring; four frames a buffer (a 4 KiB
+        // request at MTU 1500) of every export.
+        let frames = (engine.total_bufcnt() * 4).clamp(256, 4096);
+        let geo = Geometry::new((sock.mtu() as usize).max(9000) + ETH_HEADER, frames);
+        let rx_ring = RxRing::new(sock.as_raw_fd(), geo)
+            .map_err(|e| log::warn!("{e}; receiving with recvmmsg"))
+            .ok();
+        let ring_mtu = rx_ring
+            .as_ref()
+            .map(|r| r.geometry().max_frame() - ETH_HEADER);
+        engine.set_max_sectors(link_sectors(sock.mtu(), ring_mtu));
         Ok(Server {
             iface: opts.interface.clone(),
             sock,
             engine,
             backings,
+            residency: vec![ResidencyGuess::default(); maps.len()],
             maps,
             sent_from_map: 0,
+            vectored_ios: 0,
             status_file: opts.status_file.clone(),
             started: Instant::now(),
+            rx_ring,
             rx: Vec::with_capacity(MMSG),
             rx_lens: Vec::with_capacity(MMSG),
             tx: Vec::with_capacity(MMSG),
@@ -198,6 +225,8 @@ impl Server {
             "outstanding": self.engine.outstanding(),
             "ignored_frames": self.engine.ignored(),
             "sent_from_map": self.sent_from_map,
+            "vectored_ios": self.vectored_ios,
+            "rx_ring": self.rx_ring.is_some(),
             "exports": exports,
         })
     }
@@ -233,7 +262,7 @@ impl Server {
         let fd = self.sock.as_raw_fd();
         self.announce();
         self.write_status();
-        let tick = Duration::from_millis(200);
+        let tick = RECV_WAIT;
         self.sock.set_recv_timeout(tick).map_err(io("socket"))?;
         let mut draining = false;
         let mut poll_armed = false;
@@ -254,11 +283,10 @@ impl Server {
                     poll_armed = true;
                 }
                 for c in ring.wait(tick).map_err(io("io_uring"))? {
-                    if c.token == POLL {
+                    if c.parts.first().is_some_and(|p| p.token == POLL) {
                         poll_armed = false;
                     } else {
-                        let id = usize::try_from(c.token).unwrap_or(usize::MAX);
-                        self.engine.on_io_done(id, c.result, c.buf);
+                        self.complete(&mut ring, c).map_err(io("io_uring"))?;
                     }
                 }
                 // Replies to what just completed go out before the next receive batch.
@@ -294,6 +322,9 @@ impl Server {
     /// Hands every queued frame (up to a batch) to the engine; with `wait`, first waits up
     /// to the socket's receive timeout for one.
     fn receive_batch(&mut self, wait: bool) -> std::io::Result<()> {
+        if self.rx_ring.is_some() {
+            return self.receive_ring(wait);
+        }
         let mut taken = 0;
         while taken < RECV_BATCH {
             while self.rx.len() < MMSG {
@@ -306,12 +337,12 @@ impl Server {
                 self.sock
                     .recv_many(&mut slices, &mut self.rx_lens, wait && taken == 0)?
             };
-            for (mut buf, &len) in self.rx.drain(..n).zip(&self.rx_lens) {
+            let mut got: Vec<FrameBuf> = self.rx.drain(..n).collect();
+            for (buf, &len) in got.iter_mut().zip(&self.rx_lens) {
                 buf.set_len(len);
-                if is_config_query(buf.as_slice()) {
-                    follow_mtu(&mut self.sock, &mut self.engine);
-                }
-                self.engine.on_frame(buf);
+            }
+            for buf in got {
+                self.on_frame(buf);
             }
             taken += n;
             if n < MMSG {
@@ -323,6 +354,45 @@ impl Server {
             self.engine.recycle(b);
         }
         Ok(())
+    }
+
+    /// [`Server::receive_batch`] from the PACKET_MMAP ring: copies each frame the kernel
+    /// handed over into a frame buffer (whose data area is aligned for O_DIRECT) and gives
+    /// the slot back; waits (`poll`) only if `wait` and the ring is empty.
+    fn receive_ring(&mut self, wait: bool) -> std::io::Result<()> {
+        let Some(ring) = self.rx_ring.as_mut() else {
+            return Ok(());
+        };
+        if wait && !ring.ready() {
+            self.sock.wait_readable(RECV_WAIT)?;
+        }
+        while self.rx.len() < RECV_BATCH {
+            let Some(frame) = ring.take() else {
+                break;
+            };
+            let mut buf = self.engine.alloc();
+            buf.fill_from(frame.bytes());
+            drop(frame);
+            self.rx.push(buf);
+        }
+        let mut got = std::mem::take(&mut self.rx);
+        for buf in got.drain(..) {
+            self.on_frame(buf);
+        }
+        self.rx = got;
+        Ok(())
+    }
+
+    /// Hands one received frame to the engine (after following the MTU on a Query Config).
+    fn on_frame(&mut self, buf: FrameBuf) {
+        if is_config_query(buf.as_slice()) {
+            let ring_mtu = self
+                .rx_ring
+                .as_ref()
+                .map(|r| r.geometry().max_frame() - ETH_HEADER);
+            follow_mtu(&mut self.sock, &mut self.engine, ring_mtu);
+        }
+        self.engine.on_frame(buf);
     }
 
     /// Sends the gathered replies. A reply whose data lies in a mapped backing file goes out
@@ -360,6 +430,10 @@ impl Server {
                 Ok(n) => sent += n.max(1),
                 Err(e) => {
                     log::debug!("send failed: {e}");
+                    // A page of the mapping gone (the file shrank): check every read again.
+                    if let (Some(m), (_, Some(_))) = (marks[sent], frames[sent]) {
+                        self.residency[m.export].distrust();
+                    }
                     sent += 1;
                 }
             }
@@ -379,8 +453,10 @@ impl Server {
                 if self.run.is_empty() {
                     break;
                 }
-                // Completing the run queues its replies.
-                self.flush_run(ring)?;
+                // Completing the run queues its replies. Nothing else is waiting: with the
+                // ring idle too, the run is all there is to do.
+                let lone = ring.in_flight() == 0;
+                self.flush_run(ring, lone)?;
                 continue;
             };
             match a {
@@ -390,15 +466,15 @@ impl Server {
                         self.flush_sends();
                     }
                 }
-                Action::Io(req) if self.in_page_cache(&req) => {
+                Action::Io(req) if self.mergeable(&req) => {
                     let joins = self.run.last().is_some_and(|l| adjacent(l, &req));
                     if !joins || self.run.len() >= MAX_RUN {
-                        self.flush_run(ring)?;
+                        self.flush_run(ring, false)?;
                     }
                     self.run.push(req);
                 }
                 Action::Io(req) => {
-                    self.flush_run(ring)?;
+                    self.flush_run(ring, false)?;
                     let req = if ring.in_flight() == 0 && !self.engine.has_actions() {
                         self.lone_io(req)
                     } else {
@@ -414,15 +490,27 @@ impl Server {
         Ok(())
     }
 
-    /// True for I/O served from the page cache in the event loop (`--writeback` data reads
-    /// and writes), which can be gathered into runs.
-    fn in_page_cache(&self, req: &IoRequest) -> bool {
-        !self.backings[req.export].direct
-            && req.target == IoTarget::Data
-            && matches!(
+    /// True for data I/O that can be gathered into runs of adjacent frames: page-cache I/O
+    /// served in the event loop (`--writeback` data reads and writes), and O_DIRECT reads
+    /// and writes whose every buffer suits O_DIRECT (each frame's data area is page-aligned
+    /// and a whole number of sectors long, and the store only uses O_DIRECT where it needs
+    /// no more than sector alignment), so the frames' data areas can be the iovecs of one
+    /// read or write.
+    fn mergeable(&self, req: &IoRequest) -> bool {
+        if req.target != IoTarget::Data {
+            return false;
+        }
+        if self.backings[req.export].direct {
+            let len = io_len(&req.op);
+            matches!(req.op, IoOp::Read { .. } | IoOp::Write { .. })
+                && len % SECTOR == 0
+                && (req.buf.data(len).as_ptr() as usize) % SECTOR == 0
+        } else {
+            matches!(
                 req.op,
                 IoOp::Read { .. } | IoOp::Write { durable: false, .. }
             )
+        }
     }
 
     /// Page-cache mode: a read that hits the cache completes here without a ring round trip;
@@ -432,11 +520,14 @@ impl Server {
     /// together (at MTU 1500 a 4 KiB request is four 1 KiB frames) are adjacent on disk:
     /// the run takes them with one `preadv2`/`pwritev` instead of one call each (ggaoed
     /// merges them the same way). Reads that miss the cache go to the ring, frame by frame.
-    fn flush_run(&mut self, ring: &mut Uring) -> std::io::Result<()> {
+    fn flush_run(&mut self, ring: &mut Uring, lone: bool) -> std::io::Result<()> {
         let mut run = std::mem::take(&mut self.run);
         let Some(first) = run.first() else {
             return Ok(());
         };
+        if self.backings[first.export].direct {
+            return self.flush_direct_run(ring, run, lone);
+        }
         let fd = self.backings[first.export].data.as_raw_fd();
         let offset = io_offset(&first.op);
         let write = matches!(first.op, IoOp::Write { .. });
@@ -448,7 +539,16 @@ impl Server {
         } else if let Some(map) = &self.maps[export] {
             // Resident data is sent from the mapping (one copy, page cache to packet,
             // instead of two through the frame); the rest goes to the ring.
-            if map.range(offset, total).is_some_and(|r| r.resident()) {
+            let guess = &mut self.residency[export];
+            let sendable = map.range(offset, total).is_some_and(|r| {
+                if !guess.should_check() {
+                    return true;
+                }
+                let resident = r.resident();
+                guess.record(resident);
+                resident
+            });
+            if sendable {
                 for mut r in run {
                     let len = io_len(&r.op);
                     r.buf.set_mapped(MappedData {
@@ -497,6 +597,120 @@ impl Server {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// O_DIRECT: the frames of a run (at MTU 1500 a 4 KiB request is four 1 KiB frames)
+    /// become one read or write of the disk, with one iovec per frame's data area, instead
+    /// of one each (the device then sees the request as the initiator made it, as fio's
+    /// single 4 KiB read). When one of the writes must be durable on completion (O_DSYNC: it
+    /// was queued with nothing else in flight), the whole run is written with RWF_DSYNC and
+    /// the others need no group fdatasync either. A run that is all there is to do (`lone`,
+    /// as at queue depth one) is done synchronously (see [`Server::lone_io`]); otherwise it
+    /// goes on the ring and [`Server::complete`] hands each frame its share of the result.
+    fn flush_direct_run(
+        &mut self,
+        ring: &mut Uring,
+        mut run: Vec<IoRequest>,
+        lone: bool,
+    ) -> std::io::Result<()> {
+        if run.len() == 1 {
+            let req = run.remove(0);
+            let req = if lone { self.lone_io(req) } else { Some(req) };
+            return match req {
+                Some(req) => self.push_ring(ring, req),
+                None => Ok(()),
+            };
+        }
+        self.vectored_ios += 1;
+        let fd = self.backings[run[0].export].data.as_raw_fd();
+        let offset = io_offset(&run[0].op);
+        let op = match run[0].op {
+            IoOp::Write { .. } => {
+                let dsync = run
+                    .iter()
+                    .any(|r| matches!(r.op, IoOp::Write { durable: true, .. }));
+                if dsync {
+                    for r in &run {
+                        self.engine.write_goes_dsync(r.id);
+                    }
+                }
+                Op::Writev { fd, offset, dsync }
+            }
+            _ => Op::Readv { fd, offset },
+        };
+        let parts: Vec<Part> = run
+            .into_iter()
+            .map(|r| Part {
+                token: r.id as u64,
+                len: io_len(&r.op),
+                buf: r.buf,
+            })
+            .collect();
+        if !lone {
+            return ring.push_parts(op, parts);
+        }
+        let mut parts = parts;
+        let result = match op {
+            Op::Writev { dsync, .. } => {
+                let bufs: Vec<&[u8]> = parts.iter().map(|p| p.buf.data(p.len)).collect();
+                sys::pwritev(fd, &bufs, offset, dsync)
+            }
+            _ => {
+                let mut bufs: Vec<&mut [u8]> =
+                    parts.iter_mut().map(|p| p.buf.data_mut(p.len)).collect();
+                sys::preadv(fd, &mut bufs, offset)
+            }
+        };
+        self.complete(ring, Completion { op, result, parts })
+    }
+
+    /// Hands the result of a backing I/O to the engine. A vectored read or write (a run of
+    /// frames) gives each frame its share: the frames it covered completely succeed; after a
+    /// short count or an error, the frames not covered are done again one by one on the ring,
+    /// so each gets its own result (a read past the end of a file shorter than advertised
+    /// reads as zeros, a failed sector fails only its frame, as without merging).
+    fn complete(&mut self, ring: &mut Uring, c: Completion) -> std::io::Result<()> {
+        let Completion { op, result, parts } = c;
+        let (fd, mut offset, dsync) = match op {
+            Op::Readv { fd, offset } => (fd, offset, None),
+            Op::Writev { fd, offset, dsync } => (fd, offset, Some(dsync)),
+            _ => {
+                if let Some(p) = parts.into_iter().next() {
+                    let id = usize::try_from(p.token).unwrap_or(usize::MAX);
+                    self.engine.on_io_done(id, result, p.buf);
+                }
+                return Ok(());
+            }
+        };
+        let mut left = match &result {
+            Ok(n) => *n,
+            Err(e) => {
+                log::debug!("vectored I/O of {} frames failed: {e}", parts.len());
+                0
+            }
+        };
+        for p in parts {
+            let id = usize::try_from(p.token).unwrap_or(usize::MAX);
+            if left >= p.len {
+                left -= p.len;
+                self.engine.on_io_done(id, Ok(p.len), p.buf);
+            } else {
+                left = 0;
+                let len = p.len;
+                let op = match dsync {
+                    Some(dsync) => Op::Write {
+                        fd,
+                        offset,
+                        len,
+                        dsync,
+                    },
+                    None => Op::Read { fd, offset, len },
+                };
+                ring.push(op, p.token, p.buf)?;
+            }
+            offset += p.len as u64;
         }
         Ok(())
     }
@@ -617,13 +831,20 @@ fn is_config_query(frame: &[u8]) -> bool {
     Header::parse(frame).is_ok_and(|h| !h.response && h.command == Command::Config)
 }
 
+/// Sectors per frame at link MTU `mtu`, and no more than a receive-ring slot carries
+/// (`ring_mtu`: the ring's longest frame less its Ethernet header).
+fn link_sectors(mtu: u32, ring_mtu: Option<usize>) -> u8 {
+    let cap = ring_mtu.map_or(u32::MAX, |m| u32::try_from(m).unwrap_or(u32::MAX));
+    sectors_per_frame(mtu.min(cap))
+}
+
 /// Re-reads the interface MTU (vblade does so on every Query Config) and, when it changed,
 /// the sectors per frame with it, so the reply advertises what the link carries now.
-fn follow_mtu(sock: &mut PacketSocket, engine: &mut Engine) {
+fn follow_mtu(sock: &mut PacketSocket, engine: &mut Engine, ring_mtu: Option<usize>) {
     let before = sock.mtu();
     match sock.refresh_mtu() {
         Ok(mtu) if mtu != before => {
-            let spf = sectors_per_frame(mtu);
+            let spf = link_sectors(mtu, ring_mtu);
             log::info!("MTU {before} -> {mtu}: {spf} sectors per frame");
             engine.set_max_sectors(spf);
         }

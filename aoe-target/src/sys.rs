@@ -1,6 +1,6 @@
 //! Small wrappers over the Linux calls std does not offer: AF_PACKET sockets, interface
-//! queries, fallocate, O_DIRECT alignment, signal flags. All `unsafe` of the crate lives here and in [`crate::uring`] and
-//! [`crate::mapped`].
+//! queries, fallocate, O_DIRECT alignment, signal flags. All `unsafe` of the crate lives here
+//! and in [`crate::uring`], [`crate::mapped`] and [`crate::pring`].
 
 use std::ffi::CString;
 use std::fs::File;
@@ -310,6 +310,15 @@ impl PacketSocket {
 
     /// Receives one frame, waiting at most `timeout` (`Ok(None)` on timeout).
     pub fn recv_timeout(&self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
+        if !self.wait_readable(timeout)? {
+            return Ok(None);
+        }
+        self.try_recv(buf)
+    }
+
+    /// Waits at most `timeout` for the socket to be readable (a frame queued, or with a
+    /// receive ring, a slot handed over); false on timeout or a signal.
+    pub fn wait_readable(&self, timeout: Duration) -> io::Result<bool> {
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
@@ -321,15 +330,12 @@ impl PacketSocket {
         if r < 0 {
             let e = io::Error::last_os_error();
             return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(None)
+                Ok(false)
             } else {
                 Err(e)
             };
         }
-        if r == 0 {
-            return Ok(None);
-        }
-        self.try_recv(buf)
+        Ok(r > 0)
     }
 }
 

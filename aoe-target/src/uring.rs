@@ -40,24 +40,64 @@ pub enum Op {
     },
     /// fdatasync.
     Sync(RawFd),
+    /// Read at `offset` into the data areas of the parts, one after the other (READV, one
+    /// iovec a part).
+    Readv {
+        /// File.
+        fd: RawFd,
+        /// Byte offset.
+        offset: u64,
+    },
+    /// Write the data areas of the parts at `offset`, one after the other (WRITEV), with
+    /// RWF_DSYNC if `dsync`.
+    Writev {
+        /// File.
+        fd: RawFd,
+        /// Byte offset.
+        offset: u64,
+        /// Durable on completion.
+        dsync: bool,
+    },
+}
+
+/// One buffer of an operation: its token, the buffer, and the bytes of its data area the
+/// operation covers.
+#[derive(Debug)]
+pub struct Part {
+    /// The token given at submission.
+    pub token: u64,
+    /// The buffer.
+    pub buf: FrameBuf,
+    /// Bytes of the data area.
+    pub len: usize,
 }
 
 /// A finished operation.
 #[derive(Debug)]
 pub struct Completion {
-    /// The token given at submission.
-    pub token: u64,
-    /// Bytes transferred, or the error.
+    /// The operation.
+    pub op: Op,
+    /// Bytes transferred (over all parts), or the error.
     pub result: io::Result<usize>,
-    /// The buffer, handed back.
-    pub buf: FrameBuf,
+    /// The buffers, handed back in submission order (one for every operation but
+    /// [`Op::Readv`] and [`Op::Writev`]).
+    pub parts: Vec<Part>,
+}
+
+/// An operation in flight: what it is, its buffers, and the iovec array of a vectored one
+/// (the kernel may read it until the operation completes).
+struct Slot {
+    op: Op,
+    parts: Vec<Part>,
+    _iov: Vec<libc::iovec>,
 }
 
 /// An io_uring plus the buffers of the operations in flight.
 pub struct Uring {
-    // Declared first so it is dropped (and the kernel's use of buffers ended) before `slots`.
+    // Declared first so it is dropped (and the kernel's use of buffers and iovecs ended)
+    // before `slots`.
     ring: IoUring,
-    slots: Vec<Option<(u64, bool, FrameBuf)>>,
+    slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     in_flight: usize,
 }
@@ -72,9 +112,23 @@ impl std::fmt::Debug for Uring {
 
 impl Uring {
     /// A ring with `entries` submission entries (a power of two).
+    ///
+    /// Only the thread that creates the ring submits to it, and only its calls to
+    /// [`Uring::wait`] reap completions, so the ring is set up for that (SINGLE_ISSUER,
+    /// DEFER_TASKRUN: the kernel runs the completion work when the loop asks for
+    /// completions, instead of interrupting it as each I/O ends); a kernel without these
+    /// flags (before 6.1) gets a plain ring.
     pub fn new(entries: u32) -> io::Result<Uring> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => IoUring::new(entries),
+                _ => Err(e),
+            })?;
         Ok(Uring {
-            ring: IoUring::new(entries)?,
+            ring,
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
@@ -87,12 +141,22 @@ impl Uring {
     }
 
     /// Queues `op` on `buf`; `token` comes back in its [`Completion`].
-    pub fn push(&mut self, op: Op, token: u64, mut buf: FrameBuf) -> io::Result<()> {
-        let is_poll = matches!(op, Op::Poll(_));
+    pub fn push(&mut self, op: Op, token: u64, buf: FrameBuf) -> io::Result<()> {
+        let len = match op {
+            Op::Read { len, .. } | Op::Write { len, .. } => len,
+            _ => 0,
+        };
+        self.push_parts(op, vec![Part { token, buf, len }])
+    }
+
+    /// Queues `op` on `parts`: one part for the single-buffer operations, any number (at
+    /// least one) for [`Op::Readv`] and [`Op::Writev`]; each part's token comes back with it.
+    pub fn push_parts(&mut self, op: Op, mut parts: Vec<Part>) -> io::Result<()> {
+        let mut iov = Vec::new();
         let sqe = match op {
             Op::Poll(fd) => opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build(),
             Op::Read { fd, offset, len } => {
-                let b = buf.data_mut(len);
+                let b = first(&mut parts)?.buf.data_mut(len);
                 opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), len32(b.len()))
                     .offset(offset)
                     .build()
@@ -103,7 +167,7 @@ impl Uring {
                 len,
                 dsync,
             } => {
-                let b = buf.data(len);
+                let b = first(&mut parts)?.buf.data(len);
                 opcode::Write::new(types::Fd(fd), b.as_ptr(), len32(b.len()))
                     .offset(offset)
                     .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
@@ -112,6 +176,39 @@ impl Uring {
             Op::Sync(fd) => opcode::Fsync::new(types::Fd(fd))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            Op::Readv { fd, offset } => {
+                first(&mut parts)?;
+                iov = parts
+                    .iter_mut()
+                    .map(|p| {
+                        let b = p.buf.data_mut(p.len);
+                        libc::iovec {
+                            iov_base: b.as_mut_ptr().cast(),
+                            iov_len: b.len(),
+                        }
+                    })
+                    .collect();
+                opcode::Readv::new(types::Fd(fd), iov.as_ptr(), len32(iov.len()))
+                    .offset(offset)
+                    .build()
+            }
+            Op::Writev { fd, offset, dsync } => {
+                first(&mut parts)?;
+                iov = parts
+                    .iter()
+                    .map(|p| {
+                        let b = p.buf.data(p.len);
+                        libc::iovec {
+                            iov_base: b.as_ptr().cast_mut().cast(),
+                            iov_len: b.len(),
+                        }
+                    })
+                    .collect();
+                opcode::Writev::new(types::Fd(fd), iov.as_ptr(), len32(iov.len()))
+                    .offset(offset)
+                    .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
         };
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -121,9 +218,13 @@ impl Uring {
             }
         };
         let sqe = sqe.user_data(slot as u64);
-        // The buffer moves into its slot; its heap memory (a Vec that is never resized) stays
-        // where the pointers above point.
-        self.slots[slot] = Some((token, is_poll, buf));
+        // The buffers and the iovec array move into the slot; their heap memory (Vecs that
+        // are never resized) stays where the pointers above point.
+        self.slots[slot] = Some(Slot {
+            op,
+            parts,
+            _iov: iov,
+        });
         self.push_sqe(&sqe)?;
         self.in_flight += 1;
         Ok(())
@@ -131,8 +232,8 @@ impl Uring {
 
     fn push_sqe(&mut self, sqe: &io_uring::squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: every pointer in the entry points into a buffer owned by `self.slots`
-            // until the completion for this user_data is reaped in `wait`, and the ring is
+            // SAFETY: every pointer in the entry (and in the iovec array of a vectored one)
+            // points into a buffer or iovec array owned by `self.slots` until the completion for this user_data is reaped in `wait`, and the ring is
             // dropped before the slots; cancel entries carry no pointers.
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
                 return Ok(());
@@ -148,7 +249,15 @@ impl Uring {
             .slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| matches!(s, Some((_, true, _))))
+            .filter(|(_, s)| {
+                matches!(
+                    s,
+                    Some(Slot {
+                        op: Op::Poll(_),
+                        ..
+                    })
+                )
+            })
             .map(|(i, _)| i as u64)
             .collect();
         for ud in polls {
@@ -181,7 +290,8 @@ impl Uring {
             let Ok(slot) = usize::try_from(ud) else {
                 continue;
             };
-            let Some((token, _, buf)) = self.slots.get_mut(slot).and_then(Option::take) else {
+            let Some(Slot { op, parts, .. }) = self.slots.get_mut(slot).and_then(Option::take)
+            else {
                 continue;
             };
             self.free.push(slot);
@@ -192,10 +302,17 @@ impl Uring {
             } else {
                 Ok(r.unsigned_abs() as usize)
             };
-            out.push(Completion { token, result, buf });
+            out.push(Completion { op, result, parts });
         }
         Ok(out)
     }
+}
+
+/// The first part: every operation has one.
+fn first(parts: &mut [Part]) -> io::Result<&mut Part> {
+    parts
+        .first_mut()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 fn len32(n: usize) -> u32 {
@@ -227,7 +344,10 @@ mod tests {
         .unwrap();
         let c = u.wait(Duration::from_secs(5)).unwrap();
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].token, c[0].result.as_ref().unwrap()), (7, &8192));
+        assert_eq!(
+            (c[0].parts[0].token, c[0].result.as_ref().unwrap()),
+            (7, &8192)
+        );
         u.push(Op::Sync(fd), 8, FrameBuf::empty()).unwrap();
         u.push(
             Op::Read {
@@ -243,9 +363,9 @@ mod tests {
         while got.len() < 2 {
             got.extend(u.wait(Duration::from_secs(5)).unwrap());
         }
-        let read = got.iter().find(|c| c.token == 9).unwrap();
+        let read = got.iter().find(|c| c.parts[0].token == 9).unwrap();
         assert_eq!(*read.result.as_ref().unwrap(), 4096);
-        assert!(read.buf.data(4096).iter().all(|b| *b == 0x5a));
+        assert!(read.parts[0].buf.data(4096).iter().all(|b| *b == 0x5a));
         assert_eq!(u.in_flight(), 0);
     }
 
@@ -267,8 +387,59 @@ mod tests {
         while got.is_empty() {
             got = u.wait(Duration::from_secs(5)).unwrap();
         }
-        assert_eq!(got[0].token, 2);
+        assert_eq!(got[0].parts[0].token, 2);
         assert!(got[0].result.is_err());
+        assert_eq!(u.in_flight(), 0);
+    }
+
+    fn parts(fill: &[u8], len: usize) -> Vec<Part> {
+        fill.iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let mut buf = FrameBuf::frame(36 + len);
+                buf.data_mut(len).fill(v);
+                Part {
+                    token: i as u64,
+                    buf,
+                    len,
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn vectored_write_and_read_cover_every_part() {
+        let f = tempfile::tempfile().unwrap();
+        let fd = f.as_raw_fd();
+        let mut u = Uring::new(8).unwrap();
+        let w = Op::Writev {
+            fd,
+            offset: 512,
+            dsync: true,
+        };
+        u.push_parts(w, parts(&[1, 2, 3], 1024)).unwrap();
+        let c = u.wait(Duration::from_secs(5)).unwrap();
+        assert_eq!(*c[0].result.as_ref().unwrap(), 3072);
+        assert_eq!(c[0].parts.len(), 3);
+        let mut back = vec![0u8; 512 + 3072];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 0).unwrap();
+        for (i, v) in [1u8, 2, 3].iter().enumerate() {
+            let from = 512 + i * 1024;
+            assert!(back[from..from + 1024].iter().all(|b| b == v));
+        }
+        // Read back past the end of the file: the count is short, the parts come back in order.
+        u.push_parts(Op::Readv { fd, offset: 1536 }, parts(&[0, 0, 0], 1024))
+            .unwrap();
+        let c = u.wait(Duration::from_secs(5)).unwrap();
+        assert_eq!(*c[0].result.as_ref().unwrap(), 2048);
+        let tokens: Vec<u64> = c[0].parts.iter().map(|p| p.token).collect();
+        assert_eq!(tokens, [0, 1, 2]);
+        assert!(c[0].parts[0].buf.data(1024).iter().all(|b| *b == 2));
+        assert!(c[0].parts[1].buf.data(1024).iter().all(|b| *b == 3));
+        assert!(matches!(c[0].op, Op::Readv { offset: 1536, .. }));
+        assert!(u
+            .push_parts(Op::Readv { fd, offset: 0 }, Vec::new())
+            .is_err());
         assert_eq!(u.in_flight(), 0);
     }
 }
