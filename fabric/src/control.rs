@@ -182,6 +182,25 @@ impl ExactlyOnce {
         resp
     }
 
+    /// Answers the control message `msg` from `client`: parses the request, runs it through
+    /// [`ExactlyOnce::handle`] and encodes the response. `None` (logged) if `msg` is not a
+    /// request.
+    pub fn serve(
+        &mut self,
+        client: u32,
+        msg: &[u8],
+        exec: impl FnOnce(&Verb) -> Result<serde_json::Value, String>,
+    ) -> Option<Vec<u8>> {
+        let req = match Message::parse(msg) {
+            Ok(Message::Request(r)) => r,
+            _ => {
+                log::debug!("ignored a message that is not a request");
+                return None;
+            }
+        };
+        Some(Message::Response(self.handle(client, &req, exec)).to_bytes())
+    }
+
     /// Forgets a client (its peer is gone).
     pub fn forget(&mut self, client: u32) {
         self.clients.remove(&client);

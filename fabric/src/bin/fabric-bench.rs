@@ -15,6 +15,7 @@ use serde_json::json;
 use fabric::auth::{self, KeyFile, Keyring, Sealer, Verifier};
 use fabric::client::percentile;
 use fabric::frame::{AeadAlg, Header, Kind, BROADCAST};
+use fabric::hotpath::HotPath;
 use fabric::packet::{self, PacketSocket};
 
 /// Baselines for the fabric bench: echo servers and ping clients over raw AF_PACKET, UDP and
@@ -68,6 +69,12 @@ enum Cmd {
     Crypto {
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
+    },
+    /// Echo round trips between a controller and a host joined through memory: the user-space
+    /// work of `fabric ping` without sockets (count its instructions with callgrind).
+    HotPath {
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
     },
     /// Sends sealed 64-byte DATA frames as fast as possible for SECS seconds.
     Flood {
@@ -241,6 +248,10 @@ fn run(a: Args) -> Result<()> {
                 }
             }
             report("tcp", &mut lat, 0);
+        }
+        Cmd::HotPath { count } => {
+            let mut hp = HotPath::new(auth::preferred_alg())?;
+            println!("{}", serde_json::to_string(&hp.run(count)?)?);
         }
         Cmd::Crypto { secs } => {
             let keys = Keyring::new(&KeyFile::generate()?);
