@@ -8,7 +8,7 @@
 //! ```text
 //! off len field
 //!   0   4 magic "FBRC"
-//!   4   1 version (1)
+//!   4   1 version (2: the binary control envelope of `control.rs`; 1 carried JSON)
 //!   5   1 kind (HELLO, DATA, ACK, PROBE, MONITOR)
 //!   6   1 AEAD algorithm (1 AES-256-GCM, 2 ChaCha20-Poly1305)
 //!   7   1 flags
@@ -50,7 +50,7 @@ pub const MAX_PAYLOAD: usize = MAX_FRAME_LEN - OVERHEAD;
 /// Magic at the start of the fabric header.
 pub const MAGIC: [u8; 4] = *b"FBRC";
 /// Protocol version this code speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 // Offsets inside the whole frame (Ethernet header included).
 const OFF_DST: usize = 0;
@@ -421,7 +421,7 @@ mod tests {
         );
         assert_eq!(bad(OFF_ETHERTYPE + 1, 0x00), FrameError::EtherType(0x8800));
         assert_eq!(bad(OFF_MAGIC, b'X'), FrameError::Magic);
-        assert_eq!(bad(OFF_VERSION, 2), FrameError::Version(2));
+        assert_eq!(bad(OFF_VERSION, 1), FrameError::Version(1));
         assert_eq!(bad(OFF_KIND, 9), FrameError::Kind(9));
         assert_eq!(bad(OFF_KIND, Kind::Monitor as u8), FrameError::Kind(5));
         assert_eq!(bad(OFF_AEAD, 3), FrameError::Aead(3));
