@@ -15,7 +15,9 @@
 //! after the tag is verified. The reliable channel's sequence number is separate from the nonce
 //! counter, so a retransmission is a fresh frame and the channel de-duplicates it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::path::Path;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
@@ -339,17 +341,32 @@ impl Sealer {
         epoch: u16,
         dst: [u8; 6],
         src: [u8; 6],
-        mut h: Header,
+        h: Header,
         payload: &[u8],
     ) -> Result<Vec<u8>, AuthError> {
+        let mut f = Vec::new();
+        self.seal_into(&mut f, keys, epoch, (dst, src), h, payload)?;
+        Ok(f)
+    }
+
+    /// [`Sealer::seal`] into `f` (cleared first), reusing its allocation; `macs` is
+    /// (destination, source).
+    pub fn seal_into(
+        &mut self,
+        f: &mut Vec<u8>,
+        keys: &Keyring,
+        epoch: u16,
+        (dst, src): ([u8; 6], [u8; 6]),
+        mut h: Header,
+        payload: &[u8],
+    ) -> Result<(), AuthError> {
         let key = keys.epochs.get(&epoch).ok_or(AuthError::NoKey(epoch))?;
         self.counter += 1;
         h.sender = self.sender;
         h.aead = self.alg;
         h.counter = self.counter;
         h.epoch = epoch;
-        let mut f =
-            frame::build(dst, src, &h, payload).ok_or(AuthError::TooLarge(payload.len()))?;
+        frame::write(f, dst, src, &h, payload).ok_or(AuthError::TooLarge(payload.len()))?;
         let (head, rest) = f.split_at_mut(frame::OFF_PAYLOAD);
         let (body, tag_slot) = rest.split_at_mut(payload.len());
         let tag = key
@@ -358,7 +375,7 @@ impl Sealer {
             // Sealing only fails for inputs larger than the algorithm's limit (GiBs).
             .map_err(|_| AuthError::TooLarge(payload.len()))?;
         tag_slot.copy_from_slice(tag.as_ref());
-        Ok(f)
+        Ok(())
     }
 }
 
@@ -419,7 +436,9 @@ impl ReplayWindow {
 /// Verifies and decrypts received frames; keeps one replay window per sender.
 #[derive(Debug, Default)]
 pub struct Verifier {
-    windows: HashMap<u32, ReplayWindow>,
+    /// By sender id. FxHash (cheap on integers): entries are only added for frames whose tag
+    /// verified, so nobody without the key can fill the table with colliding ids.
+    windows: FxHashMap<u32, ReplayWindow>,
 }
 
 /// Most senders whose replay windows are kept.

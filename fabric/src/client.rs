@@ -1,6 +1,8 @@
 //! The controller side: find hosts, send requests, wait for responses (used by the `fabric` CLI).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -69,7 +71,8 @@ pub struct Client {
     node: Node,
     next_id: u64,
     peers: BTreeMap<u32, (PeerInfo, bool)>,
-    responses: HashMap<u64, Response>,
+    /// By request id: FxHash, cheap on integers.
+    responses: FxHashMap<u64, Response>,
 }
 
 impl Client {
@@ -79,7 +82,7 @@ impl Client {
             node,
             next_id: 0,
             peers: BTreeMap::new(),
-            responses: HashMap::new(),
+            responses: FxHashMap::default(),
         }
     }
 
@@ -187,7 +190,7 @@ impl Client {
         let interval = interval.as_micros() as u64;
         let mut next_issue = 0u64;
         let t0 = std::time::Instant::now();
-        let mut issued: HashMap<u64, u64> = HashMap::new();
+        let mut issued: FxHashMap<u64, u64> = FxHashMap::default();
         let mut lat = Vec::with_capacity(count as usize);
         let (mut sent, mut failed) = (0u64, 0u64);
         let window = window.max(1);

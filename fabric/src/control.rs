@@ -21,7 +21,9 @@
 //! [`REPLAY_CACHE`] responses per client: a request id it already executed gets the cached
 //! response again and is not executed twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -261,7 +263,8 @@ struct ClientLog {
 /// Executes each (client, request id) at most once.
 #[derive(Debug, Default)]
 pub struct ExactlyOnce {
-    clients: HashMap<u32, ClientLog>,
+    /// By sender id (authenticated): FxHash, cheap on integers.
+    clients: FxHashMap<u32, ClientLog>,
     stats: ExecStats,
 }
 

@@ -50,8 +50,8 @@ pub struct HotPath {
     host_id: u32,
     next_id: u64,
     now: u64,
-    to_host: Vec<Vec<u8>>,
-    to_ctl: Vec<Vec<u8>>,
+    to_host: Wire,
+    to_ctl: Wire,
     frames: u64,
 }
 
@@ -66,19 +66,32 @@ pub struct HotPathReport {
     pub ns_per_round_trip: f64,
 }
 
-/// `poll` and drain `poll_transmit` into `wire`, as [`crate::node::Node::flush`] does.
-fn flush(ep: &mut Endpoint, now: u64, wire: &mut Vec<Vec<u8>>) {
+/// Frames in transit one way, in buffers reused like the event loop's receive batch.
+#[derive(Debug, Default)]
+struct Wire {
+    frames: Vec<Vec<u8>>,
+    spare: Vec<Vec<u8>>,
+}
+
+/// `poll` and drain `poll_transmit_into` onto `wire`, as [`crate::node::Node::flush`] does.
+fn flush(ep: &mut Endpoint, now: u64, wire: &mut Wire) {
     ep.poll(now);
-    while let Some(f) = ep.poll_transmit() {
-        wire.push(f);
+    loop {
+        let mut f = wire.spare.pop().unwrap_or_default();
+        if !ep.poll_transmit_into(&mut f) {
+            wire.spare.push(f);
+            return;
+        }
+        wire.frames.push(f);
     }
 }
 
 /// Hands every frame on `wire` to `ep`.
-fn deliver(ep: &mut Endpoint, now: u64, wire: &mut Vec<Vec<u8>>) -> u64 {
-    let n = wire.len() as u64;
-    for mut f in wire.drain(..) {
+fn deliver(ep: &mut Endpoint, now: u64, wire: &mut Wire) -> u64 {
+    let n = wire.frames.len() as u64;
+    for mut f in wire.frames.drain(..) {
         ep.handle_frame(now, &mut f);
+        wire.spare.push(f);
     }
     n
 }
@@ -103,8 +116,8 @@ impl HotPath {
             host_id: 2,
             next_id: 0,
             now: 0,
-            to_host: Vec::new(),
-            to_ctl: Vec::new(),
+            to_host: Wire::default(),
+            to_ctl: Wire::default(),
             frames: 0,
         };
         // Discovery: HELLOs both ways (the controller's asks for a reply).

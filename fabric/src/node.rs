@@ -53,6 +53,8 @@ pub struct Node {
     key_mtime: Option<SystemTime>,
     next_key_check: Instant,
     batch: RecvBatch,
+    /// The frame being sent (its buffer goes back to the endpoint for a later frame).
+    tx_buf: Vec<u8>,
     epoll: Epoll,
     timer: Timer,
     /// When `timer` fires (µs on [`Node::now`]'s clock), if armed.
@@ -106,6 +108,7 @@ impl Node {
             key_mtime: mtime(key_file),
             next_key_check: start + KEY_RELOAD_EVERY,
             batch: RecvBatch::default(),
+            tx_buf: Vec::new(),
             epoll,
             timer,
             armed: None,
@@ -141,13 +144,14 @@ impl Node {
     pub fn flush(&mut self) -> Result<(), NodeError> {
         let now = self.now();
         self.ep.poll(now);
-        while let Some(f) = self.ep.poll_transmit() {
+        while self.ep.poll_transmit_into(&mut self.tx_buf) {
+            let f = &self.tx_buf;
             let sock = if f.get(12..14) == Some(&ETHERTYPE_MONITOR.to_be_bytes()) {
                 &self.mon
             } else {
                 &self.ctl
             };
-            if let Err(e) = sock.send(&f) {
+            if let Err(e) = sock.send(f) {
                 // A downed link (ENETDOWN) must not stop the daemon: the channel resends.
                 log::debug!("send on {}: {e}", sock.iface());
             }
