@@ -51,7 +51,8 @@ pub struct Node {
     start_unix_us: u64,
     key_path: PathBuf,
     key_mtime: Option<SystemTime>,
-    next_key_check: Instant,
+    /// When the key file is next checked (µs on [`Node::now`]'s clock).
+    next_key_check: u64,
     batch: RecvBatch,
     /// The frame being sent (its buffer goes back to the endpoint for a later frame).
     tx_buf: Vec<u8>,
@@ -106,7 +107,7 @@ impl Node {
             start_unix_us: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
             key_path: key_file.to_path_buf(),
             key_mtime: mtime(key_file),
-            next_key_check: start + KEY_RELOAD_EVERY,
+            next_key_check: KEY_RELOAD_EVERY.as_micros() as u64,
             batch: RecvBatch::default(),
             tx_buf: Vec::new(),
             epoll,
@@ -143,6 +144,11 @@ impl Node {
     /// Sends whatever the endpoint has queued (after `send` calls).
     pub fn flush(&mut self) -> Result<(), NodeError> {
         let now = self.now();
+        self.flush_at(now)
+    }
+
+    /// [`Node::flush`] with the time already read.
+    fn flush_at(&mut self, now: u64) -> Result<(), NodeError> {
         self.ep.poll(now);
         while self.ep.poll_transmit_into(&mut self.tx_buf) {
             let f = &self.tx_buf;
@@ -159,11 +165,11 @@ impl Node {
         Ok(())
     }
 
-    fn reload_keys(&mut self) {
-        if Instant::now() < self.next_key_check {
+    fn reload_keys(&mut self, now: u64) {
+        if now < self.next_key_check {
             return;
         }
-        self.next_key_check = Instant::now() + KEY_RELOAD_EVERY;
+        self.next_key_check = now + KEY_RELOAD_EVERY.as_micros() as u64;
         let m = mtime(&self.key_path);
         if m == self.key_mtime {
             return;
@@ -172,7 +178,6 @@ impl Node {
         match KeyFile::load(&self.key_path) {
             Ok(k) => {
                 log::info!("key file reloaded: epochs up to {}", k.newest());
-                let now = self.now();
                 self.ep.set_keys(Keyring::new(&k), now);
             }
             Err(e) => log::error!("key file not reloaded, keeping the old keys: {e}"),
@@ -193,9 +198,11 @@ impl Node {
 
     /// Waits for frames or the next timer, at most until `deadline` (µs on [`Node::now`]'s
     /// clock), handles them, and transmits what is due. Events are left for `poll_event`.
+    ///
+    /// The clock is read twice: before the wait and after it.
     pub fn step(&mut self, deadline: u64) -> Result<(), NodeError> {
-        self.flush()?;
         let now = self.now();
+        self.flush_at(now)?;
         let wake = self
             .ep
             .next_timeout()
@@ -227,17 +234,18 @@ impl Node {
                 .consume()
                 .map_err(|e| NodeError::Io("timerfd".into(), e))?;
         }
+        let now = self.now();
         for token in [CTL_TOKEN, MON_TOKEN] {
             if ready[token] {
-                self.receive(token)?;
+                self.receive(token, now)?;
             }
         }
-        self.reload_keys();
-        self.flush()
+        self.reload_keys(now);
+        self.flush_at(now)
     }
 
     /// Takes the frames waiting on the socket `token` names and hands them to the endpoint.
-    fn receive(&mut self, token: usize) -> Result<(), NodeError> {
+    fn receive(&mut self, token: usize, now: u64) -> Result<(), NodeError> {
         let sock = if token == CTL_TOKEN {
             &self.ctl
         } else {
@@ -247,7 +255,6 @@ impl Node {
         for _ in 0..16 {
             match sock.recv_batch(&mut self.batch) {
                 Ok(n) => {
-                    let now = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(0);
                     for f in self.batch.frames() {
                         self.ep.handle_frame(now, f);
                     }
