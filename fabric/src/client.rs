@@ -194,9 +194,11 @@ impl Client {
         let mut lat = Vec::with_capacity(count as usize);
         let (mut sent, mut failed) = (0u64, 0u64);
         let window = window.max(1);
+        let timeout = timeout.as_micros() as u64;
         while (lat.len() as u64) + failed < count {
+            // One clock read for issuing and expiring, one after the wait (the completions).
+            let mut now = self.node.now();
             while sent < count && (issued.len() as u64) < window {
-                let now = self.node.now();
                 if now < next_issue {
                     break;
                 }
@@ -211,22 +213,18 @@ impl Client {
                         failed += 1;
                         sent += 1;
                         self.pump(now + 10_000)?;
+                        now = self.node.now();
                         continue;
                     }
                     Err(e) => return Err(e),
                 }
                 sent += 1;
             }
-            let now = self.node.now();
-            let expired: Vec<u64> = issued
-                .iter()
-                .filter(|(_, t)| now - **t > timeout.as_micros() as u64)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                issued.remove(&id);
-                failed += 1;
-            }
+            issued.retain(|_, t| {
+                let live = now - *t <= timeout;
+                failed += u64::from(!live);
+                live
+            });
             let wake = if interval > 0 && sent < count {
                 next_issue.max(now + 1)
             } else {
@@ -234,21 +232,17 @@ impl Client {
             };
             self.pump(wake.min(now + 10_000))?;
             let now = self.node.now();
-            let done: Vec<u64> = self
-                .responses
-                .keys()
-                .filter(|id| issued.contains_key(id))
-                .copied()
-                .collect();
-            for id in done {
-                if let (Some(t), Some(r)) = (issued.remove(&id), self.responses.remove(&id)) {
-                    if r.result.is_ok() {
-                        lat.push(now - t);
-                    } else {
-                        failed += 1;
+            let responses = &mut self.responses;
+            issued.retain(|id, t| match responses.remove(id) {
+                Some(r) => {
+                    match r.result {
+                        Ok(_) => lat.push(now - *t),
+                        Err(_) => failed += 1,
                     }
+                    false
                 }
-            }
+                None => true,
+            });
             // Late responses to requests that timed out are dropped.
             self.responses.clear();
         }

@@ -7,7 +7,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -46,7 +46,8 @@ pub struct Node {
     ep: Endpoint,
     ctl: PacketSocket,
     mon: PacketSocket,
-    start: Instant,
+    /// [`packet::monotonic_us`] when the node started: [`Node::now`]'s zero.
+    start_us: u64,
     /// [`Node::now`]'s zero on the wall clock, µs since the Unix epoch.
     start_unix_us: u64,
     key_path: PathBuf,
@@ -86,7 +87,7 @@ impl Node {
                 )
                 .map_err(|e| NodeError::Io("epoll".into(), e))?;
         }
-        let start = Instant::now();
+        let start_us = packet::monotonic_us();
         let wall = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -103,7 +104,7 @@ impl Node {
             ep,
             ctl,
             mon,
-            start,
+            start_us,
             start_unix_us: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
             key_path: key_file.to_path_buf(),
             key_mtime: mtime(key_file),
@@ -118,7 +119,7 @@ impl Node {
 
     /// Microseconds since the node started (the endpoint's clock).
     pub fn now(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+        packet::monotonic_us().saturating_sub(self.start_us)
     }
 
     /// Where [`Node::now`] counts from, in µs since the Unix epoch (to report its times).
