@@ -38,9 +38,14 @@ pub enum NodeError {
     Io(String, #[source] std::io::Error),
 }
 
-/// Slots of each socket's receive ring (2 KiB each: 8 MiB, the receive buffer the sockets had
-/// before, so bursts of a full window from many peers fit).
-const RING_SLOTS: usize = 4096;
+/// Slots of the control socket's receive ring (2 KiB each): four full windows of 256 frames. A
+/// ring walked through 2 MiB stays warmer in the caches than one of 8 MiB (the receive buffer
+/// the socket had before): with both ends on one CPU, 128 slots gave 10.3–10.9 µs mean round
+/// trips against 10.8–11.1 µs with 4096, and 1024 slots were level with or below 4096. A burst
+/// larger than the ring is dropped and resent like any loss.
+const CTL_RING_SLOTS: usize = 1024;
+/// Slots of the monitoring socket's ring: one report of a few frames per host and interval.
+const MON_RING_SLOTS: usize = 256;
 /// Most frames taken from one ring per step.
 const RECEIVE_MAX: usize = 256;
 
@@ -82,11 +87,11 @@ impl Node {
         let keys = KeyFile::load(key_file)?;
         let ctl = PacketSocket::open(iface, ETHERTYPE_CONTROL)?;
         let mon = PacketSocket::open(iface, ETHERTYPE_MONITOR)?;
-        let ring = |s: &PacketSocket| {
-            s.rx_ring(RING_SLOTS)
+        let ring = |s: &PacketSocket, slots| {
+            s.rx_ring(slots)
                 .map_err(|e| NodeError::Io(format!("{iface} receive ring"), e))
         };
-        let (ctl_ring, mon_ring) = (ring(&ctl)?, ring(&mon)?);
+        let (ctl_ring, mon_ring) = (ring(&ctl, CTL_RING_SLOTS)?, ring(&mon, MON_RING_SLOTS)?);
         let timer = Timer::new().map_err(|e| NodeError::Io(iface.into(), e))?;
         let epoll = Epoll::new().map_err(|e| NodeError::Io("epoll".into(), e))?;
         for (token, fd) in [ctl.as_raw_fd(), mon.as_raw_fd(), timer.as_raw_fd()]
