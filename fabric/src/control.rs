@@ -279,11 +279,12 @@ impl ExactlyOnce {
         exec: impl FnOnce(&Verb) -> Result<serde_json::Value, String>,
     ) -> Response {
         let log = self.clients.entry(client).or_default();
-        if let Ok(i) = log.cache.binary_search_by_key(&req.id, |r| r.id) {
-            self.stats.duplicates += 1;
-            return log.cache[i].clone();
-        }
         if req.id <= log.last_id {
+            // Executed before (ids run in increasing order only): answer from the cache.
+            if let Ok(i) = log.cache.binary_search_by_key(&req.id, |r| r.id) {
+                self.stats.duplicates += 1;
+                return log.cache[i].clone();
+            }
             self.stats.too_old += 1;
             return Response {
                 id: req.id,
