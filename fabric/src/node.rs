@@ -58,6 +58,10 @@ pub struct Node {
     ep: Endpoint,
     ctl: PacketSocket,
     mon: PacketSocket,
+    /// Sends every frame: a socket of its own, in no epoll set, so the kernel's "writable
+    /// again" wake-up after each sent frame finds no waiter (on `ctl` it ran epoll's callback
+    /// for every frame sent).
+    tx: PacketSocket,
     /// [`packet::monotonic_us`] when the node started: [`Node::now`]'s zero.
     start_us: u64,
     /// [`Node::now`]'s zero on the wall clock, µs since the Unix epoch.
@@ -87,6 +91,7 @@ impl Node {
         let keys = KeyFile::load(key_file)?;
         let ctl = PacketSocket::open(iface, ETHERTYPE_CONTROL)?;
         let mon = PacketSocket::open(iface, ETHERTYPE_MONITOR)?;
+        let tx = PacketSocket::open(iface, 0)?;
         let ring = |s: &PacketSocket, slots| {
             s.rx_ring(slots)
                 .map_err(|e| NodeError::Io(format!("{iface} receive ring"), e))
@@ -123,6 +128,7 @@ impl Node {
             ep,
             ctl,
             mon,
+            tx,
             start_us,
             start_unix_us: u64::try_from(wall.as_micros()).unwrap_or(u64::MAX),
             key_path: key_file.to_path_buf(),
@@ -172,15 +178,9 @@ impl Node {
     fn flush_at(&mut self, now: u64) -> Result<(), NodeError> {
         self.ep.poll(now);
         while self.ep.poll_transmit_into(&mut self.tx_buf) {
-            let f = &self.tx_buf;
-            let sock = if f.get(12..14) == Some(&ETHERTYPE_MONITOR.to_be_bytes()) {
-                &self.mon
-            } else {
-                &self.ctl
-            };
-            if let Err(e) = sock.send(f) {
+            if let Err(e) = self.tx.send(&self.tx_buf) {
                 // A downed link (ENETDOWN) must not stop the daemon: the channel resends.
-                log::debug!("send on {}: {e}", sock.iface());
+                log::debug!("send on {}: {e}", self.tx.iface());
             }
         }
         Ok(())

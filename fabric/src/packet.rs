@@ -47,7 +47,6 @@ pub const ETH_P_ALL: u16 = 0x0003;
 #[derive(Debug)]
 pub struct PacketSocket {
     fd: OwnedFd,
-    ifindex: i32,
     mac: [u8; 6],
     iface: String,
 }
@@ -92,7 +91,8 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
 }
 
 impl PacketSocket {
-    /// Opens a non-blocking socket receiving `ethertype` frames on `iface`.
+    /// Opens a non-blocking socket receiving `ethertype` frames on `iface`; with `ethertype` 0,
+    /// a socket that only sends (it is bound to no EtherType, so it receives nothing).
     pub fn open(iface: &str, ethertype: u16) -> Result<PacketSocket, PacketError> {
         let idx = ifindex(iface)?;
         let mac = interface_mac(iface)?;
@@ -133,12 +133,13 @@ impl PacketSocket {
         // A large receive buffer: plain recv() dropped 3-14 % of frames on overrun (§2.3).
         // FORCE needs CAP_NET_ADMIN; the plain option is capped by rmem_max.
         let big = 8 << 20;
-        if setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, big).is_err() {
+        if ethertype != 0
+            && setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, big).is_err()
+        {
             let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, big);
         }
         Ok(PacketSocket {
             fd,
-            ifindex: idx,
             mac,
             iface: iface.into(),
         })
@@ -154,29 +155,14 @@ impl PacketSocket {
         &self.iface
     }
 
-    /// Sends one whole Ethernet frame.
+    /// Sends one whole Ethernet frame (its header names the destination): `send` on the bound
+    /// socket, which uses the device cached at bind time, rather than `sendto` with an address
+    /// the kernel copies in and looks the device up from on every frame.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        if frame.len() >= 6 {
-            sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-        }
         loop {
-            // SAFETY: `frame` is a live buffer of the given length; `sll` is a valid address of
-            // the given length. The kernel only reads both.
-            let r = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
+            // SAFETY: `frame` is a live buffer of the given length; the kernel only reads it.
+            let r =
+                unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
             if r >= 0 {
                 return Ok(());
             }
