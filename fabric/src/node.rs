@@ -1,8 +1,9 @@
 //! An [`Endpoint`] driven by real sockets and a real clock: the event loop shared by `fabricd`,
-//! the CLI and the bench. One thread: an epoll set holding both sockets and a [`Timer`] kept
-//! armed for the endpoint's next timeout (moved only when an earlier one appears), so a round
-//! trip costs one `epoll_wait` and one `sendto` per side and no timer set-up: received frames
-//! are taken from each socket's receive ring ([`RxRing`]) without a system call.
+//! the CLI and the bench. One thread: an epoll set holding both receiving sockets and a
+//! [`Timer`] kept armed for the endpoint's next timeout (moved only when an earlier one
+//! appears), so a round trip costs one `epoll_wait` and one `send` per side and no timer
+//! set-up: received frames are taken from each socket's receive ring ([`RxRing`]) without a
+//! system call, and frames are sent from a third socket outside the epoll set.
 //! epoll rather than `ppoll` because the set is registered once, where `ppoll` polls every fd
 //! and adds and removes a wait-queue entry per fd on every wait.
 

@@ -126,7 +126,7 @@ fn report(kind: &str, lat: &mut [u64], retries: u64) {
 fn run(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::RawEcho { iface } => {
-            // The leanest echo: a blocking recvfrom and a sendto per frame.
+            // The leanest echo: a blocking recvfrom and a send per frame.
             let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
             s.set_blocking(None)?;
             let mut buf = vec![0u8; 2048];
@@ -144,7 +144,7 @@ fn run(a: Args) -> Result<()> {
             }
         }
         Cmd::RawPing { iface, count } => {
-            // A sendto and a blocking recvfrom per round trip; the resend timer is SO_RCVTIMEO
+            // A send and a blocking recvfrom per round trip; the resend timer is SO_RCVTIMEO
             // (timer wheel, so no hrtimer per wait: 1 ms rounded up to a tick).
             let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
             s.set_blocking(Some(Duration::from_millis(1)))?;
