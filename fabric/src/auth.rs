@@ -15,7 +15,9 @@
 //! after the tag is verified. The reliable channel's sequence number is separate from the nonce
 //! counter, so a retransmission is a fresh frame and the channel de-duplicates it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::path::Path;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
@@ -339,17 +341,32 @@ impl Sealer {
         epoch: u16,
         dst: [u8; 6],
         src: [u8; 6],
-        mut h: Header,
+        h: Header,
         payload: &[u8],
     ) -> Result<Vec<u8>, AuthError> {
+        let mut f = Vec::new();
+        self.seal_into(&mut f, keys, epoch, (dst, src), h, payload)?;
+        Ok(f)
+    }
+
+    /// [`Sealer::seal`] into `f` (cleared first), reusing its allocation; `macs` is
+    /// (destination, source).
+    pub fn seal_into(
+        &mut self,
+        f: &mut Vec<u8>,
+        keys: &Keyring,
+        epoch: u16,
+        (dst, src): ([u8; 6], [u8; 6]),
+        mut h: Header,
+        payload: &[u8],
+    ) -> Result<(), AuthError> {
         let key = keys.epochs.get(&epoch).ok_or(AuthError::NoKey(epoch))?;
         self.counter += 1;
         h.sender = self.sender;
         h.aead = self.alg;
         h.counter = self.counter;
         h.epoch = epoch;
-        let mut f =
-            frame::build(dst, src, &h, payload).ok_or(AuthError::TooLarge(payload.len()))?;
+        frame::write(f, dst, src, &h, payload).ok_or(AuthError::TooLarge(payload.len()))?;
         let (head, rest) = f.split_at_mut(frame::OFF_PAYLOAD);
         let (body, tag_slot) = rest.split_at_mut(payload.len());
         let tag = key
@@ -358,11 +375,13 @@ impl Sealer {
             // Sealing only fails for inputs larger than the algorithm's limit (GiBs).
             .map_err(|_| AuthError::TooLarge(payload.len()))?;
         tag_slot.copy_from_slice(tag.as_ref());
-        Ok(f)
+        Ok(())
     }
 }
 
-/// A sliding window of the last 1024 counters seen from one sender.
+/// A sliding window of the last 1024 counters seen from one sender: a ring of bitmap words
+/// indexed by `counter / 64` (RFC 6479), so moving the window up clears the words it passes
+/// instead of shifting the whole bitmap (one word for a steady stream).
 #[derive(Debug, Clone, Default)]
 pub struct ReplayWindow {
     top: u64,
@@ -370,56 +389,46 @@ pub struct ReplayWindow {
 }
 
 impl ReplayWindow {
-    const WORDS: usize = 16;
+    /// Ring words: a power of two with at least [`ReplayWindow::SIZE`] / 64 + 1 words, so the
+    /// word of the oldest counter in the window is never the one being reused.
+    const WORDS: usize = 32;
     /// Width of the window in frames.
-    pub const SIZE: u64 = 64 * Self::WORDS as u64;
+    pub const SIZE: u64 = 1024;
+
+    fn slot(c: u64) -> (usize, u64) {
+        ((c >> 6) as usize % Self::WORDS, 1 << (c & 63))
+    }
 
     /// Whether `c` is new (not seen, not older than the window).
     pub fn check(&self, c: u64) -> bool {
         if c > self.top {
             return true;
         }
-        let d = self.top - c;
-        d < Self::SIZE && !self.bit(d)
-    }
-
-    fn bit(&self, d: u64) -> bool {
-        let (w, b) = (d / 64, d % 64);
-        self.bits[usize::try_from(w).unwrap_or(0)] & (1 << b) != 0
+        let (w, b) = Self::slot(c);
+        self.top - c < Self::SIZE && self.bits[w] & b == 0
     }
 
     /// Marks `c` seen (call only after `check` and tag verification).
     pub fn update(&mut self, c: u64) {
         if c > self.top {
-            let shift = c - self.top;
-            if shift >= Self::SIZE {
-                self.bits = [0; Self::WORDS];
-            } else {
-                let shift = usize::try_from(shift).unwrap_or(0);
-                // Shift the whole bit array by `shift` positions towards older counters.
-                let (ws, bs) = (shift / 64, shift % 64);
-                for i in (0..Self::WORDS).rev() {
-                    let src = i.checked_sub(ws);
-                    let hi = src.map_or(0, |s| self.bits[s] << bs);
-                    let lo = match src.and_then(|s| s.checked_sub(1)) {
-                        Some(s) if bs != 0 => self.bits[s] >> (64 - bs),
-                        _ => 0,
-                    };
-                    self.bits[i] = hi | lo;
-                }
+            // Clear the words between the old top's and the new one's (at most the whole ring).
+            let (old, new) = (self.top >> 6, c >> 6);
+            for k in 1..=(new - old).min(Self::WORDS as u64) {
+                self.bits[((old + k) as usize) % Self::WORDS] = 0;
             }
             self.top = c;
         }
-        let d = self.top - c;
-        let (w, b) = (d / 64, d % 64);
-        self.bits[usize::try_from(w).unwrap_or(0)] |= 1 << b;
+        let (w, b) = Self::slot(c);
+        self.bits[w] |= b;
     }
 }
 
 /// Verifies and decrypts received frames; keeps one replay window per sender.
 #[derive(Debug, Default)]
 pub struct Verifier {
-    windows: HashMap<u32, ReplayWindow>,
+    /// By sender id. FxHash (cheap on integers): entries are only added for frames whose tag
+    /// verified, so nobody without the key can fill the table with colliding ids.
+    windows: FxHashMap<u32, ReplayWindow>,
 }
 
 /// Most senders whose replay windows are kept.
@@ -603,6 +612,29 @@ mod tests {
             s.seal(&old, 2, [1; 6], [2; 6], hdr(Kind::Hello), b""),
             Err(AuthError::NoKey(2))
         ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn replay_window_matches_a_set(steps in proptest::collection::vec((0u64..3000, proptest::bool::ANY), 1..400)) {
+            // The model: every counter seen, and the highest; new = unseen and within SIZE.
+            let mut w = ReplayWindow::default();
+            let mut seen = std::collections::BTreeSet::new();
+            let mut top = 0u64;
+            let mut base = 0u64;
+            for (step, jump) in steps {
+                // Mostly near the top, sometimes far ahead.
+                let c = if jump { base + step * 7 } else { top.saturating_sub(step % 1100) + step % 5 };
+                base = base.max(c);
+                let new = (c > top || top - c < ReplayWindow::SIZE) && !seen.contains(&c);
+                proptest::prop_assert_eq!(w.check(c), new, "counter {}", c);
+                if new {
+                    w.update(c);
+                    seen.insert(c);
+                    top = top.max(c);
+                }
+            }
+        }
     }
 
     #[test]

@@ -162,7 +162,9 @@ pub struct Tx {
     cfg: ChannelConfig,
     next_seq: u64,
     cum_acked: u64,
-    inflight: BTreeMap<u64, Inflight>,
+    /// Frames sent and not cumulatively acknowledged: sequence numbers `cum_acked..next_seq`,
+    /// contiguous, so a ring indexed by `seq - cum_acked` (no tree, no allocation per frame).
+    inflight: VecDeque<Inflight>,
     queue: VecDeque<Vec<u8>>,
     cwnd: u32,
     ssthresh: u32,
@@ -178,7 +180,7 @@ impl Tx {
             cfg,
             next_seq: 1,
             cum_acked: 1,
-            inflight: BTreeMap::new(),
+            inflight: VecDeque::new(),
             queue: VecDeque::new(),
             cwnd: cfg.cwnd_initial.min(cfg.window).max(1),
             ssthresh: cfg.window,
@@ -197,6 +199,22 @@ impl Tx {
         Ok(())
     }
 
+    /// The payload of frame `seq`, if it is in flight (to seal what `poll`/`on_ack` listed).
+    pub fn payload(&self, seq: u64) -> Option<&[u8]> {
+        let i = usize::try_from(seq.checked_sub(self.cum_acked)?).ok()?;
+        self.inflight.get(i).map(|f| &f.payload[..])
+    }
+
+    /// Index range in `inflight` of sequence numbers `s..e` (clamped to what is in flight).
+    fn slots(&self, s: u64, e: u64) -> std::ops::Range<usize> {
+        let idx = |q: u64| {
+            usize::try_from(q.saturating_sub(self.cum_acked))
+                .unwrap_or(usize::MAX)
+                .min(self.inflight.len())
+        };
+        idx(s)..idx(e)
+    }
+
     /// Messages queued or in flight.
     pub fn outstanding(&self) -> usize {
         self.queue.len() + self.inflight.len()
@@ -213,7 +231,8 @@ impl Tx {
     }
 
     /// Processes the peer's cumulative ack (`wire_ack`: next sequence number it expects), its
-    /// selective-ack blocks (`[start, end)` on the wire) and its advertised window.
+    /// selective-ack blocks (`[start, end)` on the wire) and its advertised window. The
+    /// sequence numbers to resend are appended to `out` (their payloads: [`Tx::payload`]).
     pub fn on_ack(
         &mut self,
         now: u64,
@@ -221,7 +240,7 @@ impl Tx {
         sacks: &[(u32, u32)],
         window: u16,
         stats: &mut ChannelStats,
-        out: &mut Vec<(u64, Vec<u8>)>,
+        out: &mut Vec<u64>,
     ) {
         self.peer_window = u32::from(window);
         // The fast-retransmit guard comes from the estimate before this ack's samples.
@@ -232,11 +251,7 @@ impl Tx {
         let ack = extend(wire_ack, self.cum_acked);
         if ack > self.cum_acked && ack <= self.next_seq {
             let mut newly = 0u32;
-            while let Some(e) = self.inflight.first_entry() {
-                if *e.key() >= ack {
-                    break;
-                }
-                let f = e.remove();
+            for f in self.inflight.drain(..self.slots(self.cum_acked, ack).end) {
                 newly += 1;
                 // Karn: only frames sent once give an unambiguous RTT sample; a frame acked
                 // selectively was sampled then (waiting for the hole would inflate the RTT).
@@ -253,12 +268,14 @@ impl Tx {
             if s < self.cum_acked || e > self.next_seq || s >= e {
                 continue;
             }
-            for (seq, f) in self.inflight.range_mut(s..e) {
+            let r = self.slots(s, e);
+            let first = self.cum_acked + r.start as u64;
+            for (i, f) in self.inflight.range_mut(r).enumerate() {
                 if !f.sacked && f.sends == 1 {
                     self.rtt.sample(now.saturating_sub(f.last_sent));
                 }
                 f.sacked = true;
-                highest_sacked = highest_sacked.max(Some(*seq));
+                highest_sacked = highest_sacked.max(Some(first + i as u64));
             }
         }
         // Holes below the highest selectively acked frame were lost (or are late: with
@@ -266,12 +283,13 @@ impl Tx {
         // each hole at most once per smoothed RTT plus its deviation (TIPC: not again within
         // 1 ms), so a resend in flight is not resent again before its ack can be back.
         if let Some(hi) = highest_sacked {
-            for (seq, f) in self.inflight.range_mut(..hi) {
+            let r = self.slots(self.cum_acked, hi);
+            for (i, f) in self.inflight.range_mut(r).enumerate() {
                 if !f.sacked && now.saturating_sub(f.last_sent) >= guard {
                     f.last_sent = now;
                     f.sends += 1;
                     stats.fast_retransmits += 1;
-                    out.push((*seq, f.payload.clone()));
+                    out.push(self.cum_acked + i as u64);
                 }
             }
         }
@@ -293,16 +311,17 @@ impl Tx {
     }
 
     /// Frames due now: expired retransmissions, then new messages as far as the window allows.
-    pub fn poll(&mut self, now: u64, stats: &mut ChannelStats, out: &mut Vec<(u64, Vec<u8>)>) {
+    /// Their sequence numbers are appended to `out` (their payloads: [`Tx::payload`]).
+    pub fn poll(&mut self, now: u64, stats: &mut ChannelStats, out: &mut Vec<u64>) {
         let mut expired = false;
-        for (seq, f) in self.inflight.iter_mut() {
+        for (i, f) in self.inflight.iter_mut().enumerate() {
             if !f.sacked && now >= f.last_sent + self.rtt.rto_backed_off(f.backoff) {
                 f.last_sent = now;
                 f.sends += 1;
                 f.backoff += 1;
                 expired = true;
                 stats.timeout_retransmits += 1;
-                out.push((*seq, f.payload.clone()));
+                out.push(self.cum_acked + i as u64);
             }
         }
         if expired {
@@ -319,23 +338,20 @@ impl Tx {
             let seq = self.next_seq;
             self.next_seq += 1;
             stats.sent += 1;
-            out.push((seq, payload.clone()));
-            self.inflight.insert(
-                seq,
-                Inflight {
-                    payload,
-                    last_sent: now,
-                    sends: 1,
-                    backoff: 0,
-                    sacked: false,
-                },
-            );
+            out.push(seq);
+            self.inflight.push_back(Inflight {
+                payload,
+                last_sent: now,
+                sends: 1,
+                backoff: 0,
+                sacked: false,
+            });
         }
     }
 
     /// Resends everything not yet acknowledged at the next `poll` (the link came back).
     pub fn kick(&mut self) {
-        for f in self.inflight.values_mut() {
+        for f in self.inflight.iter_mut() {
             f.last_sent = 0;
             f.backoff = 0;
         }
@@ -346,7 +362,7 @@ impl Tx {
         let window_open = self.inflight.len() < self.cwnd.min(self.peer_window.max(1)) as usize;
         let retx = self
             .inflight
-            .values()
+            .iter()
             .filter(|f| !f.sacked)
             .map(|f| f.last_sent + self.rtt.rto_backed_off(f.backoff))
             .min();
@@ -382,14 +398,15 @@ impl Rx {
         }
     }
 
-    /// Takes a DATA frame; in-order messages are appended to `deliver`.
+    /// Takes a DATA frame; in-order messages are handed to `deliver`, in order (the frame's
+    /// own payload without a copy).
     pub fn on_data(
         &mut self,
         now: u64,
         wire_seq: u32,
         payload: &[u8],
         stats: &mut ChannelStats,
-        deliver: &mut Vec<Vec<u8>>,
+        mut deliver: impl FnMut(&[u8]),
     ) {
         let seq = extend(wire_seq, self.next);
         if seq < self.next || self.ooo.contains_key(&seq) {
@@ -408,11 +425,11 @@ impl Rx {
             self.ack_due = Some(now);
             return;
         }
-        deliver.push(payload.to_vec());
+        deliver(payload);
         self.next += 1;
         stats.delivered += 1;
         while let Some(p) = self.ooo.remove(&self.next) {
-            deliver.push(p);
+            deliver(&p);
             self.next += 1;
             stats.delivered += 1;
         }
@@ -439,6 +456,11 @@ impl Rx {
     pub fn window(&self) -> u16 {
         let free = self.cfg.window.saturating_sub(self.ooo.len() as u32);
         u16::try_from(free).unwrap_or(u16::MAX)
+    }
+
+    /// Whether frames are buffered out of order (an ack must carry selective-ack blocks).
+    pub fn has_gaps(&self) -> bool {
+        !self.ooo.is_empty()
     }
 
     /// Selective-ack blocks `[start, end)` (wire form) for the buffered out-of-order frames.
@@ -511,16 +533,16 @@ mod tests {
         let mut st = ChannelStats::default();
         let mut d = Vec::new();
         for s in [3, 4, 6, 9, 10, 11] {
-            rx.on_data(0, s, b"x", &mut st, &mut d);
+            rx.on_data(0, s, b"x", &mut st, |m| d.push(m.to_vec()));
         }
         assert!(d.is_empty());
         assert_eq!(rx.sack_blocks(), vec![(3, 5), (6, 7), (9, 12)]);
         assert_eq!(rx.cum_ack(), 1);
-        rx.on_data(0, 1, b"a", &mut st, &mut d);
-        rx.on_data(0, 2, b"b", &mut st, &mut d);
+        rx.on_data(0, 1, b"a", &mut st, |m| d.push(m.to_vec()));
+        rx.on_data(0, 2, b"b", &mut st, |m| d.push(m.to_vec()));
         assert_eq!(d.len(), 4);
         assert_eq!(rx.cum_ack(), 5);
-        rx.on_data(0, 2, b"b", &mut st, &mut d);
+        rx.on_data(0, 2, b"b", &mut st, |m| d.push(m.to_vec()));
         assert_eq!(st.duplicates, 1);
         assert_eq!(st.out_of_order, 6);
     }
@@ -541,7 +563,9 @@ mod tests {
         tx.on_ack(30, 3, &[], 256, &mut st, &mut re);
         assert!(re.is_empty());
         tx.on_ack(5_000, 3, &[(4, 11)], 256, &mut st, &mut re);
-        assert_eq!(re, vec![(3, vec![2u8])]);
+        assert_eq!(re, vec![3]);
+        assert_eq!(tx.payload(3), Some(&[2u8][..]));
+        assert_eq!(tx.payload(12), None);
         assert_eq!(st.fast_retransmits, 1);
         // Nothing else is due until the RTO of frame 3.
         let mut again = Vec::new();

@@ -1,6 +1,8 @@
 //! The controller side: find hosts, send requests, wait for responses (used by the `fabric` CLI).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -69,7 +71,8 @@ pub struct Client {
     node: Node,
     next_id: u64,
     peers: BTreeMap<u32, (PeerInfo, bool)>,
-    responses: HashMap<u64, Response>,
+    /// By request id: FxHash, cheap on integers.
+    responses: FxHashMap<u64, Response>,
 }
 
 impl Client {
@@ -79,7 +82,7 @@ impl Client {
             node,
             next_id: 0,
             peers: BTreeMap::new(),
-            responses: HashMap::new(),
+            responses: FxHashMap::default(),
         }
     }
 
@@ -187,13 +190,15 @@ impl Client {
         let interval = interval.as_micros() as u64;
         let mut next_issue = 0u64;
         let t0 = std::time::Instant::now();
-        let mut issued: HashMap<u64, u64> = HashMap::new();
+        let mut issued: FxHashMap<u64, u64> = FxHashMap::default();
         let mut lat = Vec::with_capacity(count as usize);
         let (mut sent, mut failed) = (0u64, 0u64);
         let window = window.max(1);
+        let timeout = timeout.as_micros() as u64;
         while (lat.len() as u64) + failed < count {
+            // One clock read for issuing and expiring, one after the wait (the completions).
+            let mut now = self.node.now();
             while sent < count && (issued.len() as u64) < window {
-                let now = self.node.now();
                 if now < next_issue {
                     break;
                 }
@@ -208,22 +213,18 @@ impl Client {
                         failed += 1;
                         sent += 1;
                         self.pump(now + 10_000)?;
+                        now = self.node.now();
                         continue;
                     }
                     Err(e) => return Err(e),
                 }
                 sent += 1;
             }
-            let now = self.node.now();
-            let expired: Vec<u64> = issued
-                .iter()
-                .filter(|(_, t)| now - **t > timeout.as_micros() as u64)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in expired {
-                issued.remove(&id);
-                failed += 1;
-            }
+            issued.retain(|_, t| {
+                let live = now - *t <= timeout;
+                failed += u64::from(!live);
+                live
+            });
             let wake = if interval > 0 && sent < count {
                 next_issue.max(now + 1)
             } else {
@@ -231,21 +232,17 @@ impl Client {
             };
             self.pump(wake.min(now + 10_000))?;
             let now = self.node.now();
-            let done: Vec<u64> = self
-                .responses
-                .keys()
-                .filter(|id| issued.contains_key(id))
-                .copied()
-                .collect();
-            for id in done {
-                if let (Some(t), Some(r)) = (issued.remove(&id), self.responses.remove(&id)) {
-                    if r.result.is_ok() {
-                        lat.push(now - t);
-                    } else {
-                        failed += 1;
+            let responses = &mut self.responses;
+            issued.retain(|id, t| match responses.remove(id) {
+                Some(r) => {
+                    match r.result {
+                        Ok(_) => lat.push(now - *t),
+                        Err(_) => failed += 1,
                     }
+                    false
                 }
-            }
+                None => true,
+            });
             // Late responses to requests that timed out are dropped.
             self.responses.clear();
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::control::{ExactlyOnce, Message, Verb};
+use crate::control::{ExactlyOnce, Verb};
 use crate::endpoint::Event;
 use crate::hostinfo;
 use crate::monitor::{Agent, Aggregator};
@@ -106,23 +106,14 @@ impl Daemon {
     fn on_event(&mut self, e: Event) {
         match e {
             Event::Message { from, payload } => {
-                let req = match Message::parse(&payload) {
-                    Ok(Message::Request(r)) => r,
-                    _ => {
-                        log::debug!("ignored a message that is not a request");
-                        return;
-                    }
-                };
                 let mut exec = std::mem::take(&mut self.exec);
                 self.exec_stats = exec.stats();
-                let resp = exec.handle(from, &req, |v| self.execute(v));
+                let resp = exec.serve(from, &payload, |v| self.execute(v));
                 self.exec = exec;
-                if let Err(e) = self
-                    .node
-                    .endpoint()
-                    .send(from, Message::Response(resp).to_bytes())
-                {
-                    log::warn!("response to request {} not sent: {e}", req.id);
+                if let Some(resp) = resp {
+                    if let Err(e) = self.node.endpoint().send(from, resp) {
+                        log::warn!("response to {from:08x} not sent: {e}");
+                    }
                 }
             }
             Event::PeerUp(p) => log::info!(

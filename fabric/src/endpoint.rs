@@ -10,7 +10,9 @@
 //! - The sender id is random per process, so a restarted peer is a new peer; frames carry the
 //!   receiver's id, and frames for another process (or an old incarnation) are ignored.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use thiserror::Error;
 
@@ -173,17 +175,95 @@ struct Peer {
     partial: Vec<u8>,
 }
 
+/// What sealing and queueing a frame needs, apart from the peers (so that a peer's channel
+/// can stay borrowed while its frames are sealed).
+#[derive(Debug)]
+struct Emitter {
+    mac: [u8; 6],
+    keys: Keyring,
+    sealer: Sealer,
+    out: VecDeque<Vec<u8>>,
+    /// Buffers of frames already transmitted ([`Endpoint::poll_transmit_into`]), reused for
+    /// the next ones: no allocation per frame.
+    spare: Vec<Vec<u8>>,
+    frames_out: u64,
+}
+
+/// Most spare frame buffers kept.
+const SPARE_BUFFERS: usize = 64;
+
+impl Emitter {
+    fn header(&self, kind: Kind, receiver: u32) -> Header {
+        Header {
+            kind,
+            aead: self.sealer.alg(),
+            flags: 0,
+            sender: 0,
+            receiver,
+            epoch: 0,
+            counter: 0,
+            seq: 0,
+            ack: 0,
+            window: 0,
+        }
+    }
+
+    fn emit(&mut self, epoch: u16, dst: [u8; 6], h: Header, payload: &[u8]) -> Result<(), ()> {
+        let mut f = self.spare.pop().unwrap_or_default();
+        match self
+            .sealer
+            .seal_into(&mut f, &self.keys, epoch, (dst, self.mac), h, payload)
+        {
+            Ok(()) => {
+                self.frames_out += 1;
+                self.out.push_back(f);
+                Ok(())
+            }
+            Err(e) => {
+                self.spare.push(f);
+                log::error!("cannot seal a frame: {e}");
+                Err(())
+            }
+        }
+    }
+
+    /// Seals DATA frames `seqs` of `p`'s channel, with the cumulative ack piggy-backed.
+    fn data(&mut self, id: u32, p: &mut Peer, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let (mac, epoch) = (p.info.mac, self.keys.epoch_for(p.newest_epoch));
+        let (ack, window) = (p.rx.cum_ack(), p.rx.window());
+        // DATA carries the cumulative ack; selective-ack blocks need a standalone ACK.
+        if !p.rx.has_gaps() {
+            p.rx.acked();
+        }
+        for &seq in seqs {
+            let Some(payload) = p.tx.payload(seq) else {
+                continue;
+            };
+            let mut h = self.header(Kind::Data, id);
+            h.seq = channel::wire(seq);
+            h.ack = ack;
+            h.window = window;
+            let _ = self.emit(epoch, mac, h, payload);
+        }
+    }
+}
+
 /// One node: its peers, channels and keys.
 #[derive(Debug)]
 pub struct Endpoint {
     cfg: Config,
-    mac: [u8; 6],
-    keys: Keyring,
-    sealer: Sealer,
+    em: Emitter,
     verifier: Verifier,
-    peers: HashMap<u32, Peer>,
-    out: VecDeque<Vec<u8>>,
+    /// By sender id. FxHash rather than SipHash: ids are small integers, hashed several times
+    /// per frame, and only authenticated HELLOs insert (no flooding without the key).
+    peers: FxHashMap<u32, Peer>,
     events: VecDeque<Event>,
+    /// Scratch lists reused by `poll` and `handle_frame` (peer ids, sequence numbers).
+    scratch_ids: Vec<u32>,
+    scratch_seqs: Vec<u64>,
     stats: Stats,
     hello_next: u64,
     hello_interval: u64,
@@ -203,13 +283,19 @@ impl Endpoint {
         Endpoint {
             hello_interval: cfg.hello_min_us,
             cfg,
-            mac,
-            keys,
-            sealer,
+            em: Emitter {
+                mac,
+                keys,
+                sealer,
+                out: VecDeque::new(),
+                spare: Vec::new(),
+                frames_out: 0,
+            },
             verifier: Verifier::default(),
-            peers: HashMap::new(),
-            out: VecDeque::new(),
+            peers: FxHashMap::default(),
             events: VecDeque::new(),
+            scratch_ids: Vec::new(),
+            scratch_seqs: Vec::new(),
             stats: Stats::default(),
             hello_next: now,
             last_unsolicited_hello: None,
@@ -219,17 +305,20 @@ impl Endpoint {
 
     /// Our sender id.
     pub fn id(&self) -> u32 {
-        self.sealer.sender()
+        self.em.sealer.sender()
     }
 
     /// Our MAC address.
     pub fn mac(&self) -> [u8; 6] {
-        self.mac
+        self.em.mac
     }
 
     /// Counters.
     pub fn stats(&self) -> Stats {
-        self.stats
+        Stats {
+            frames_out: self.em.frames_out,
+            ..self.stats
+        }
     }
 
     /// Peers currently known, with whether their link is up.
@@ -277,7 +366,7 @@ impl Endpoint {
     /// Installs new keys (a reloaded key file). Receivers accept every epoch held; senders move
     /// to the newest epoch a peer announces, so links stay up through a rotation.
     pub fn set_keys(&mut self, keys: Keyring, now: u64) {
-        self.keys = keys;
+        self.em.keys = keys;
         self.rediscover(now);
     }
 
@@ -317,13 +406,28 @@ impl Endpoint {
     /// Broadcasts a monitoring report on 0x88B6 (unreliable; the aggregator de-duplicates).
     pub fn send_monitor(&mut self, dst: [u8; 6], payload: &[u8]) -> Result<(), SendError> {
         let epoch = self.broadcast_epoch();
-        self.emit(epoch, dst, self.header(Kind::Monitor, 0), payload)
+        let h = self.em.header(Kind::Monitor, 0);
+        self.em
+            .emit(epoch, dst, h, payload)
             .map_err(|_| SendError::TooLarge(payload.len()))
     }
 
     /// The next frame to transmit.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.out.pop_front()
+        self.em.out.pop_front()
+    }
+
+    /// The next frame to transmit, swapped into `buf` (whose old allocation is kept for a later
+    /// frame): the event loop's way, without an allocation per frame.
+    pub fn poll_transmit_into(&mut self, buf: &mut Vec<u8>) -> bool {
+        let Some(mut f) = self.em.out.pop_front() else {
+            return false;
+        };
+        std::mem::swap(buf, &mut f);
+        if self.em.spare.len() < SPARE_BUFFERS && f.capacity() > 0 {
+            self.em.spare.push(f);
+        }
+        true
     }
 
     /// The next event.
@@ -331,63 +435,32 @@ impl Endpoint {
         self.events.pop_front()
     }
 
-    fn header(&self, kind: Kind, receiver: u32) -> Header {
-        Header {
-            kind,
-            aead: self.sealer.alg(),
-            flags: 0,
-            sender: 0,
-            receiver,
-            epoch: 0,
-            counter: 0,
-            seq: 0,
-            ack: 0,
-            window: 0,
-        }
-    }
-
     fn broadcast_epoch(&self) -> u16 {
         let oldest_peer = self.peers.values().map(|p| p.newest_epoch).min();
-        self.keys
-            .epoch_for(oldest_peer.unwrap_or_else(|| self.keys.newest()))
-    }
-
-    fn emit(&mut self, epoch: u16, dst: [u8; 6], h: Header, payload: &[u8]) -> Result<(), ()> {
-        match self
-            .sealer
-            .seal(&self.keys, epoch, dst, self.mac, h, payload)
-        {
-            Ok(f) => {
-                self.stats.frames_out += 1;
-                self.out.push_back(f);
-                Ok(())
-            }
-            Err(e) => {
-                log::error!("cannot seal a frame: {e}");
-                Err(())
-            }
-        }
+        self.em
+            .keys
+            .epoch_for(oldest_peer.unwrap_or_else(|| self.em.keys.newest()))
     }
 
     fn send_hello(&mut self, dst: [u8; 6], receiver: u32, reply_wanted: bool) {
         let hello = Hello {
             role: self.cfg.role,
-            newest_epoch: self.keys.newest(),
+            newest_epoch: self.em.keys.newest(),
             name: self.cfg.name.clone(),
         };
         let Some(body) = hello.to_bytes() else {
             log::error!("node name {:?} is not valid", self.cfg.name);
             return;
         };
-        let mut h = self.header(Kind::Hello, receiver);
+        let mut h = self.em.header(Kind::Hello, receiver);
         if reply_wanted {
             h.flags |= FLAG_REPLY_WANTED;
         }
         let epoch = match self.peers.get(&receiver) {
-            Some(p) => self.keys.epoch_for(p.newest_epoch),
+            Some(p) => self.em.keys.epoch_for(p.newest_epoch),
             None => self.broadcast_epoch(),
         };
-        let _ = self.emit(epoch, dst, h, &body);
+        let _ = self.em.emit(epoch, dst, h, &body);
     }
 
     fn log_reject(&mut self, r: Reject) {
@@ -407,7 +480,7 @@ impl Endpoint {
 
     /// Takes one received frame (whole, Ethernet header included; decrypted in place).
     pub fn handle_frame(&mut self, now: u64, buf: &mut [u8]) {
-        let (h, src, plain) = match self.verifier.open(&self.keys, buf) {
+        let (h, src, plain) = match self.verifier.open(&self.em.keys, buf) {
             Ok(v) => v,
             Err(r) => {
                 self.stats.dropped.count(r);
@@ -444,8 +517,7 @@ impl Endpoint {
                 } else {
                     Vec::new()
                 };
-                let plain = plain.to_vec();
-                self.on_link_frame(now, &h, src, &sacks, &plain);
+                self.on_link_frame(now, &h, src, &sacks, plain);
             }
         }
     }
@@ -518,7 +590,8 @@ impl Endpoint {
         };
         p.info.mac = src;
         Self::touch(p, now, &mut self.events);
-        let mut resend = Vec::new();
+        let mut resend = std::mem::take(&mut self.scratch_seqs);
+        resend.clear();
         p.tx.on_ack(
             now,
             h.ack,
@@ -527,56 +600,37 @@ impl Endpoint {
             &mut self.stats.channel,
             &mut resend,
         );
-        let mut delivered = Vec::new();
+        let from = h.sender;
         match h.kind {
             Kind::Data => {
-                p.rx.on_data(now, h.seq, body, &mut self.stats.channel, &mut delivered)
+                let (partial, events, malformed) = (
+                    &mut p.partial,
+                    &mut self.events,
+                    &mut self.stats.dropped.malformed,
+                );
+                p.rx.on_data(now, h.seq, body, &mut self.stats.channel, |frag| match frag
+                    .split_first()
+                {
+                    Some((&more, body))
+                        if more <= 1 && partial.len() + body.len() <= MAX_MESSAGE =>
+                    {
+                        partial.extend_from_slice(body);
+                        if more == 0 {
+                            let payload = std::mem::take(partial);
+                            events.push_back(Event::Message { from, payload });
+                        }
+                    }
+                    _ => {
+                        *malformed += 1;
+                        partial.clear();
+                    }
+                })
             }
             Kind::Probe => p.rx.ack_now(now),
             _ => {}
         }
-        let from = h.sender;
-        let mut complete = Vec::new();
-        for frag in delivered {
-            match frag.split_first() {
-                Some((&more, body)) if more <= 1 && p.partial.len() + body.len() <= MAX_MESSAGE => {
-                    p.partial.extend_from_slice(body);
-                    if more == 0 {
-                        complete.push(std::mem::take(&mut p.partial));
-                    }
-                }
-                _ => {
-                    self.stats.dropped.malformed += 1;
-                    p.partial.clear();
-                }
-            }
-        }
-        self.transmit_data(from, resend);
-        for payload in complete {
-            self.events.push_back(Event::Message { from, payload });
-        }
-    }
-
-    fn transmit_data(&mut self, peer: u32, frames: Vec<(u64, Vec<u8>)>) {
-        if frames.is_empty() {
-            return;
-        }
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return;
-        };
-        let (mac, epoch) = (p.info.mac, self.keys.epoch_for(p.newest_epoch));
-        let (ack, window) = (p.rx.cum_ack(), p.rx.window());
-        // DATA carries the cumulative ack; selective-ack blocks need a standalone ACK.
-        if p.rx.sack_blocks().is_empty() {
-            p.rx.acked();
-        }
-        for (seq, payload) in frames {
-            let mut h = self.header(Kind::Data, peer);
-            h.seq = channel::wire(seq);
-            h.ack = ack;
-            h.window = window;
-            let _ = self.emit(epoch, mac, h, &payload);
-        }
+        self.em.data(from, p, &resend);
+        self.scratch_seqs = resend;
     }
 
     /// Does everything due at `now`: HELLOs, (re)transmissions, acks, probes, link state.
@@ -587,8 +641,11 @@ impl Endpoint {
             self.hello_interval = (self.hello_interval * 2).min(self.cfg.hello_max_us);
         }
         let t = self.cfg.link_tolerance_us;
-        let ids: Vec<u32> = self.peers.keys().copied().collect();
-        for id in ids {
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        ids.clear();
+        ids.extend(self.peers.keys().copied());
+        let mut seqs = std::mem::take(&mut self.scratch_seqs);
+        for &id in &ids {
             let Some(p) = self.peers.get_mut(&id) else {
                 continue;
             };
@@ -615,19 +672,15 @@ impl Endpoint {
                 }
                 continue;
             }
-            let mut frames = Vec::new();
+            seqs.clear();
             if p.up {
-                p.tx.poll(now, &mut self.stats.channel, &mut frames);
+                p.tx.poll(now, &mut self.stats.channel, &mut seqs);
             }
-            self.transmit_data(id, frames);
-            let Some(p) = self.peers.get_mut(&id) else {
-                continue;
-            };
+            self.em.data(id, p, &seqs);
             let probe_due = now.saturating_sub(p.last_rx.max(p.last_probe)) >= t / 4;
-            let (mac, epoch) = (p.info.mac, self.keys.epoch_for(p.newest_epoch));
             if p.rx.ack_due(now) || probe_due {
-                let (ack, window, sacks) = (p.rx.cum_ack(), p.rx.window(), p.rx.sack_blocks());
-                p.rx.acked();
+                let (mac, epoch) = (p.info.mac, self.em.keys.epoch_for(p.newest_epoch));
+                let (ack, window) = (p.rx.cum_ack(), p.rx.window());
                 let kind = if probe_due {
                     p.last_probe = now;
                     self.stats.probes += 1;
@@ -635,17 +688,20 @@ impl Endpoint {
                 } else {
                     Kind::Ack
                 };
-                let mut h = self.header(kind, id);
+                let mut h = self.em.header(kind, id);
                 h.ack = ack;
                 h.window = window;
                 let body = if kind == Kind::Ack {
-                    payload::sacks_to_bytes(&sacks)
+                    payload::sacks_to_bytes(&p.rx.sack_blocks())
                 } else {
                     Vec::new()
                 };
-                let _ = self.emit(epoch, mac, h, &body);
+                p.rx.acked();
+                let _ = self.em.emit(epoch, mac, h, &body);
             }
         }
+        self.scratch_ids = ids;
+        self.scratch_seqs = seqs;
     }
 
     /// The time at which [`Endpoint::poll`] next has work, if any.
@@ -653,15 +709,14 @@ impl Endpoint {
         let t = self.cfg.link_tolerance_us;
         let mut next = self.hello_next;
         for p in self.peers.values() {
-            let mut cand = vec![p.last_rx.max(p.last_probe) + t / 4];
+            next = next.min(p.last_rx.max(p.last_probe) + t / 4);
             if p.up {
-                cand.push(p.last_rx + t);
-                cand.extend(p.tx.next_timeout());
+                next = next.min(p.last_rx + t);
+                next = next.min(p.tx.next_timeout().unwrap_or(u64::MAX));
             } else {
-                cand.push(p.last_rx + self.cfg.forget_after_us);
+                next = next.min(p.last_rx + self.cfg.forget_after_us);
             }
-            cand.extend(p.rx.next_timeout());
-            next = cand.into_iter().fold(next, u64::min);
+            next = next.min(p.rx.next_timeout().unwrap_or(u64::MAX));
         }
         next
     }

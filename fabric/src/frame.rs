@@ -8,7 +8,7 @@
 //! ```text
 //! off len field
 //!   0   4 magic "FBRC"
-//!   4   1 version (1)
+//!   4   1 version (2: the binary control envelope of `control.rs`; 1 carried JSON)
 //!   5   1 kind (HELLO, DATA, ACK, PROBE, MONITOR)
 //!   6   1 AEAD algorithm (1 AES-256-GCM, 2 ChaCha20-Poly1305)
 //!   7   1 flags
@@ -50,7 +50,7 @@ pub const MAX_PAYLOAD: usize = MAX_FRAME_LEN - OVERHEAD;
 /// Magic at the start of the fabric header.
 pub const MAGIC: [u8; 4] = *b"FBRC";
 /// Protocol version this code speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 
 // Offsets inside the whole frame (Ethernet header included).
 const OFF_DST: usize = 0;
@@ -310,11 +310,25 @@ pub fn sealed_range(payload_len: usize) -> std::ops::Range<usize> {
 /// Writes a frame with `payload` in clear and a zero tag; [`crate::auth::Sealer`] then
 /// encrypts the payload and fills the tag. Returns `None` if the payload does not fit.
 pub fn build(dst: [u8; 6], src: [u8; 6], h: &Header, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut b = Vec::new();
+    write(&mut b, dst, src, h, payload)?;
+    Some(b)
+}
+
+/// [`build`] into `b` (cleared first), reusing its allocation.
+pub fn write(
+    b: &mut Vec<u8>,
+    dst: [u8; 6],
+    src: [u8; 6],
+    h: &Header,
+    payload: &[u8],
+) -> Option<()> {
     if payload.len() > MAX_PAYLOAD {
         return None;
     }
     let len = u16::try_from(payload.len()).ok()?;
-    let mut b = vec![0u8; OVERHEAD + payload.len()];
+    b.clear();
+    b.resize(OVERHEAD + payload.len(), 0);
     b[OFF_DST..OFF_DST + 6].copy_from_slice(&dst);
     b[OFF_SRC..OFF_SRC + 6].copy_from_slice(&src);
     b[OFF_ETHERTYPE..OFF_ETHERTYPE + 2].copy_from_slice(&h.kind.ethertype().to_be_bytes());
@@ -332,7 +346,7 @@ pub fn build(dst: [u8; 6], src: [u8; 6], h: &Header, payload: &[u8]) -> Option<V
     b[OFF_ACK..OFF_ACK + 4].copy_from_slice(&h.ack.to_be_bytes());
     b[OFF_WINDOW..OFF_WINDOW + 2].copy_from_slice(&h.window.to_be_bytes());
     b[OFF_PAYLOAD..OFF_PAYLOAD + payload.len()].copy_from_slice(payload);
-    Some(b)
+    Some(())
 }
 
 /// Formats a MAC address as `aa:bb:cc:dd:ee:ff`.
@@ -421,7 +435,7 @@ mod tests {
         );
         assert_eq!(bad(OFF_ETHERTYPE + 1, 0x00), FrameError::EtherType(0x8800));
         assert_eq!(bad(OFF_MAGIC, b'X'), FrameError::Magic);
-        assert_eq!(bad(OFF_VERSION, 2), FrameError::Version(2));
+        assert_eq!(bad(OFF_VERSION, 1), FrameError::Version(1));
         assert_eq!(bad(OFF_KIND, 9), FrameError::Kind(9));
         assert_eq!(bad(OFF_KIND, Kind::Monitor as u8), FrameError::Kind(5));
         assert_eq!(bad(OFF_AEAD, 3), FrameError::Aead(3));

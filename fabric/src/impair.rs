@@ -42,7 +42,7 @@ pub struct AttackConfig {
     pub garbage_pct: f64,
     /// Send again a frame forwarded 64 frames earlier (replayed).
     pub replay_pct: f64,
-    /// Send a copy claiming protocol version 2.
+    /// Send a copy claiming the next protocol version (`frame::VERSION + 1`).
     pub version_pct: f64,
 }
 
@@ -112,7 +112,7 @@ fn attacks(
     }
     if rng.chance(a.version_pct) {
         let mut f = frame.to_vec();
-        f[frame::ETH_HEADER_LEN + 4] = 2;
+        f[frame::ETH_HEADER_LEN + 4] = frame::VERSION.wrapping_add(1);
         out.push(f);
     }
     out
@@ -223,7 +223,7 @@ mod tests {
         assert_ne!(out[0], f);
         assert!(out[1].len() < f.len());
         assert_eq!(out[3], vec![0u8; 80]);
-        assert_eq!(out[4][18], 2);
+        assert_eq!(out[4][18], frame::VERSION + 1);
         f[12..14].copy_from_slice(&[0x08, 0x00]);
         assert!(attacks(&a, &mut rng, &f, &mut hist).is_empty());
     }

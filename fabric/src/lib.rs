@@ -12,6 +12,8 @@
 //! - [`payload`]: HELLO and ACK payloads;
 //! - [`control`]: control verbs and exactly-once execution by request id;
 //! - [`packet`] and [`node`]: AF_PACKET sockets and the event loop;
+//! - [`hotpath`]: a controller and a host joined through memory (the round trip's user-space
+//!   work, counted under callgrind by `fabric-bench hot-path`);
 //! - [`client`] and [`daemon`]: the controller side and `fabricd`;
 //! - [`hostinfo`], [`vm`], [`affinity`]: host information, `vmm` processes, pinning;
 //! - [`monitor`] and [`rrd`]: monitoring agent, aggregator, rrdcached client, Prometheus;
@@ -28,6 +30,7 @@ pub mod daemon;
 pub mod endpoint;
 pub mod frame;
 pub mod hostinfo;
+pub mod hotpath;
 pub mod impair;
 pub mod monitor;
 pub mod node;

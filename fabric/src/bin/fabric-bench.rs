@@ -15,6 +15,7 @@ use serde_json::json;
 use fabric::auth::{self, KeyFile, Keyring, Sealer, Verifier};
 use fabric::client::percentile;
 use fabric::frame::{AeadAlg, Header, Kind, BROADCAST};
+use fabric::hotpath::HotPath;
 use fabric::packet::{self, PacketSocket};
 
 /// Baselines for the fabric bench: echo servers and ping clients over raw AF_PACKET, UDP and
@@ -69,6 +70,12 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         secs: f64,
     },
+    /// Echo round trips between a controller and a host joined through memory: the user-space
+    /// work of `fabric ping` without sockets (count its instructions with callgrind).
+    HotPath {
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+    },
     /// Sends sealed 64-byte DATA frames as fast as possible for SECS seconds.
     Flood {
         #[arg(long)]
@@ -119,7 +126,7 @@ fn report(kind: &str, lat: &mut [u64], retries: u64) {
 fn run(a: Args) -> Result<()> {
     match a.cmd {
         Cmd::RawEcho { iface } => {
-            // The leanest echo: a blocking recvfrom and a sendto per frame.
+            // The leanest echo: a blocking recvfrom and a send per frame.
             let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
             s.set_blocking(None)?;
             let mut buf = vec![0u8; 2048];
@@ -137,7 +144,7 @@ fn run(a: Args) -> Result<()> {
             }
         }
         Cmd::RawPing { iface, count } => {
-            // A sendto and a blocking recvfrom per round trip; the resend timer is SO_RCVTIMEO
+            // A send and a blocking recvfrom per round trip; the resend timer is SO_RCVTIMEO
             // (timer wheel, so no hrtimer per wait: 1 ms rounded up to a tick).
             let s = PacketSocket::open(&iface, RAW_ETHERTYPE)?;
             s.set_blocking(Some(Duration::from_millis(1)))?;
@@ -241,6 +248,10 @@ fn run(a: Args) -> Result<()> {
                 }
             }
             report("tcp", &mut lat, 0);
+        }
+        Cmd::HotPath { count } => {
+            let mut hp = HotPath::new(auth::preferred_alg())?;
+            println!("{}", serde_json::to_string(&hp.run(count)?)?);
         }
         Cmd::Crypto { secs } => {
             let keys = Keyring::new(&KeyFile::generate()?);

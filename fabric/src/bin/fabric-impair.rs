@@ -44,7 +44,7 @@ struct Args {
     /// Percent of fabric frames followed by a replay of an older frame.
     #[arg(long, default_value_t = 0.0)]
     replay: f64,
-    /// Percent of fabric frames also sent with protocol version 2.
+    /// Percent of fabric frames also sent claiming the next protocol version.
     #[arg(long, default_value_t = 0.0)]
     bad_version: f64,
     /// Random seed.
