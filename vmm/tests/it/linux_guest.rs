@@ -77,6 +77,8 @@ const ROUTE_LIMIT: Duration = Duration::from_secs(1200);
 /// What the nested route keeps of its time for building L1's image before QEMU starts (static
 /// builds of vmm and guest-stream on a clean clone).
 const L1_BUILD_MARGIN: Duration = Duration::from_secs(300);
+/// Runs of the nested route at most, when L1 goes down without a status (see `run_route`).
+const ROUTE_ATTEMPTS: u32 = 3;
 /// What the guest kernel may keep of a node's RAM out of its MemTotal and "Early memory node
 /// ranges" (the real-mode area, the BIOS hole, firmware tables).
 const RAM_SLACK: u64 = 4 << 20;
@@ -299,7 +301,7 @@ fn run_route(route: Route) -> Result<Checks, String> {
             script
                 .write_all(text.as_bytes())
                 .map_err(|e| e.to_string())?;
-            // Both attempts together stay within ROUTE_LIMIT (L1's image build included).
+            // All attempts together stay within ROUTE_LIMIT (L1's image build included).
             let end = Instant::now() + ROUTE_LIMIT;
             let nested = || {
                 let left = end.saturating_duration_since(Instant::now());
@@ -311,22 +313,29 @@ fn run_route(route: Route) -> Result<Checks, String> {
                     .args(["--with-qemu", "--timeout", &l1_limit.to_string()]);
                 run_bounded(cmd, left)
             };
-            match nested()? {
-                // run.sh: 125 when L1 ended without reporting the script's status (L1 itself,
-                // QEMU's emulated host, went down). That is the route's machinery, not the VMM
-                // under test: say so where CI shows it, with the end of what L1 printed, and run
-                // the whole route once more.
-                (Some(125), out, err) => {
-                    let _ = writeln!(
-                        std::io::stderr(),
-                        "linux_guest: L1 ended without a status; running the route again. The \
-                         end of its output:\n{}\n{}",
-                        last_lines(&out, 60),
-                        last_lines(&err, 20)
-                    );
-                    nested()?
+            // run.sh: 125 when L1 ended without reporting the script's status (L1 itself,
+            // QEMU's emulated host, went down). That is the route's machinery, not the VMM
+            // under test: say so where CI shows it, with the end of what L1 printed, and run
+            // the whole route again (up to ROUTE_ATTEMPTS in all, while time is left).
+            let mut attempt = 1;
+            loop {
+                let (rc, out, err) = nested()?;
+                let left = end.saturating_duration_since(Instant::now());
+                if rc != Some(125) || attempt == ROUTE_ATTEMPTS || left < L1_BUILD_MARGIN {
+                    break (rc, out, err);
                 }
-                done => done,
+                // Kept whole: the tail below is often only the panic's stack.
+                let log = repo().join(format!("target/linux-guest-route-attempt{attempt}.log"));
+                let _ = std::fs::write(&log, format!("{out}\nstderr:\n{err}"));
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "linux_guest: L1 ended without a status (attempt {attempt}); running the \
+                     route again. The end of its output (all of it in {}):\n{}\n{}",
+                    log.display(),
+                    last_lines(&out, 60),
+                    last_lines(&err, 20)
+                );
+                attempt += 1;
             }
         }
     };
