@@ -35,8 +35,13 @@ done
 for t in vblade fio taskset python3; do
     command -v $t >/dev/null || { echo "bench: $t missing (apt-get install vblade fio util-linux python3)" >&2; exit 1; }
 done
-cargo build --release -p aoe-target --bins >/dev/null
-bin=$PWD/target/release
+# AOE_BIN: a directory holding other aoe-target/aoe-bench binaries (A/B against a build).
+if [ -n "${AOE_BIN:-}" ]; then
+    bin=$AOE_BIN
+else
+    cargo build --release -p aoe-target --bins >/dev/null
+    bin=$PWD/target/release
+fi
 out=$PWD/target/aoe-bench-results.jsonl
 : >"$out"
 

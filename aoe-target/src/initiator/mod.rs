@@ -2,6 +2,10 @@
 //! over a raw socket, with a window of outstanding frames, an RTT-based retransmit timer, new
 //! tags on every retransmission (as Linux does) and handling of duplicate and late replies.
 //!
+//! Replies arrive through a PACKET_MMAP receive ring ([`crate::pring`], the target's) when
+//! the kernel grants one, and are parsed in their ring slot (no `recv` system call, no copy
+//! to a receive buffer); without a ring, through `recv` as before.
+//!
 //! Tags carry bit 31, which the Linux driver leaves to userland tools (aoe-anchors §1.8), so a
 //! kernel initiator on the same host ignores our replies.
 
@@ -12,11 +16,12 @@ pub use control::{RttEstimator, Window};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::pring::{Geometry, RxRing};
 use crate::sys::{PacketSocket, SysError};
 use crate::wire::{
     ata_cmd, padded_len, query_config_frame, write_ata_request, AtaArg, Command, ConfigArg, Header,
     Mac, AFLAG_EXTENDED, AFLAG_WRITE, ATA_DATA, ATA_STATUS_FAILED, BROADCAST_MAJOR,
-    BROADCAST_MINOR, SECTOR,
+    BROADCAST_MINOR, ETH_HEADER_LEN, SECTOR,
 };
 
 /// Errors of the initiator.
@@ -207,7 +212,13 @@ pub struct Session {
     retired: HashMap<u32, u32>,
     stats: SessionStats,
     rx: Vec<u8>,
+    /// The receive ring (set up after discovery, which reads with `recv`); `None` when the
+    /// kernel refused it, then replies come through `recv` into `rx`.
+    ring: Option<RxRing>,
 }
+
+/// Ring slots: the deepest window (256 frames) twice over.
+const RING_FRAMES: usize = 512;
 
 impl Session {
     /// Opens `iface`, discovers `shelf.slot` (waiting up to `wait`), and IDENTIFYs it.
@@ -226,7 +237,16 @@ impl Session {
                 slot,
                 iface: iface.into(),
             })?;
+        // Slots for jumbo frames even on a smaller MTU (as the target's ring).
+        let geo = Geometry::new(
+            (sock.mtu() as usize).max(9000) + ETH_HEADER_LEN,
+            RING_FRAMES,
+        );
+        let ring = RxRing::new(std::os::fd::AsRawFd::as_raw_fd(&sock), geo)
+            .map_err(|e| log::warn!("{e}; receiving with recv"))
+            .ok();
         let mut s = Session {
+            ring,
             window: Window::new(target.bufcnt, 256),
             rtt: RttEstimator::new(Duration::from_millis(50), Duration::from_millis(200)),
             op_timeout: Duration::from_secs(30),
@@ -386,7 +406,49 @@ impl Session {
             .map(|o| (o.sent_at + rto).saturating_duration_since(now))
             .min()
             .unwrap_or(wait);
-        let mut timeout = wait.min(next_timeout);
+        let timeout = wait.min(next_timeout);
+        if self.ring.is_some() {
+            self.receive_ring(timeout, &mut done)?;
+        } else {
+            self.receive_recv(timeout, &mut done)?;
+        }
+        self.retransmit(&mut done)?;
+        Ok(done)
+    }
+
+    /// Takes every reply the ring holds, waiting up to `timeout` for the first.
+    fn receive_ring(
+        &mut self,
+        timeout: Duration,
+        done: &mut Vec<Completion>,
+    ) -> Result<(), InitiatorError> {
+        let Some(mut ring) = self.ring.take() else {
+            return Ok(());
+        };
+        let waited = if ring.ready() || timeout.is_zero() {
+            Ok(())
+        } else {
+            self.sock.wait_readable(timeout).map(|_| ())
+        };
+        // At most a ring's worth a call, so a flood cannot hold the loop here.
+        for _ in 0..RING_FRAMES {
+            let Some(frame) = ring.take() else {
+                break;
+            };
+            if let Some(c) = self.on_reply(frame.bytes()) {
+                done.push(c);
+            }
+        }
+        self.ring = Some(ring);
+        Ok(waited?)
+    }
+
+    /// Receives replies with `recv`, waiting up to `timeout` for the first.
+    fn receive_recv(
+        &mut self,
+        mut timeout: Duration,
+        done: &mut Vec<Completion>,
+    ) -> Result<(), InitiatorError> {
         loop {
             let mut rx = std::mem::take(&mut self.rx);
             let got = self.sock.recv_timeout(&mut rx, timeout);
@@ -407,8 +469,7 @@ impl Session {
             self.rx = rx;
             timeout = Duration::ZERO;
         }
-        self.retransmit(&mut done)?;
-        Ok(done)
+        Ok(())
     }
 
     fn on_reply(&mut self, frame: &[u8]) -> Option<Completion> {
