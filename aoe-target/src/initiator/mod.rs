@@ -16,6 +16,7 @@ pub use control::{RttEstimator, Window};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use crate::mapped::MappedRange;
 use crate::pring::{Geometry, RxRing};
 use crate::sys::{PacketSocket, SysError};
 use crate::wire::{
@@ -352,7 +353,8 @@ impl Session {
         0x8000_0000 | (self.next_tag & 0x7fff_ffff)
     }
 
-    fn stamp_and_send(&mut self, frame: &mut [u8], tag: u32) -> std::io::Result<()> {
+    /// Writes the AoE header with `tag` into `frame`.
+    fn stamp(&self, frame: &mut [u8], tag: u32) {
         let h = Header::request(
             self.target.mac,
             self.sock.mac(),
@@ -363,8 +365,28 @@ impl Session {
         );
         // The frame is at least the header long (padded_len >= 60).
         let _ = h.write(frame);
+    }
+
+    fn stamp_and_send(&mut self, frame: &mut [u8], tag: u32) -> std::io::Result<()> {
+        self.stamp(frame, tag);
         self.stats.sent += 1;
         self.sock.send(frame).map(|_| ())
+    }
+
+    /// Sends the frames of the in-flight requests `tags` with as few `sendmmsg` calls as
+    /// the kernel allows (one, normally).
+    fn send_batch(&mut self, tags: &[u32]) -> std::io::Result<()> {
+        let frames: Vec<(&[u8], Option<MappedRange<'_>>)> = tags
+            .iter()
+            .filter_map(|t| self.inflight.get(t))
+            .map(|o| (o.frame.as_slice(), None))
+            .collect();
+        let mut at = 0;
+        while at < frames.len() {
+            at += self.sock.send_many(&frames[at..])?;
+        }
+        self.stats.sent += at as u64;
+        Ok(())
     }
 
     /// Sends what the window allows, waits up to `wait` for replies, retransmits what timed
@@ -380,12 +402,15 @@ impl Session {
             done.push((*user, Err(InitiatorError::Timeout(self.op_timeout))));
             self.queue.pop_front();
         }
+        // Stamped and put in flight first, then sent together.
+        let mut fresh = Vec::new();
         while self.inflight.len() < self.window.size() as usize {
             let Some((user, mut frame, expect, submitted)) = self.queue.pop_front() else {
                 break;
             };
             let tag = self.new_tag();
-            self.stamp_and_send(&mut frame, tag)?;
+            self.stamp(&mut frame, tag);
+            fresh.push(tag);
             self.inflight.insert(
                 tag,
                 Outstanding {
@@ -399,6 +424,7 @@ impl Session {
                 },
             );
         }
+        self.send_batch(&fresh)?;
         let rto = self.rtt.rto();
         let next_timeout = self
             .inflight
