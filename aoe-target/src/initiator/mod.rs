@@ -2,10 +2,6 @@
 //! over a raw socket, with a window of outstanding frames, an RTT-based retransmit timer, new
 //! tags on every retransmission (as Linux does) and handling of duplicate and late replies.
 //!
-//! Replies arrive through a PACKET_MMAP receive ring ([`crate::pring`], the target's) when
-//! the kernel grants one, and are parsed in their ring slot (no `recv` system call, no copy
-//! to a receive buffer); without a ring, through `recv` as before.
-//!
 //! Tags carry bit 31, which the Linux driver leaves to userland tools (aoe-anchors §1.8), so a
 //! kernel initiator on the same host ignores our replies.
 
@@ -16,13 +12,11 @@ pub use control::{RttEstimator, Window};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::mapped::MappedRange;
-use crate::pring::{Geometry, RxRing};
 use crate::sys::{PacketSocket, SysError};
 use crate::wire::{
     ata_cmd, padded_len, query_config_frame, write_ata_request, AtaArg, Command, ConfigArg, Header,
     Mac, AFLAG_EXTENDED, AFLAG_WRITE, ATA_DATA, ATA_STATUS_FAILED, BROADCAST_MAJOR,
-    BROADCAST_MINOR, ETH_HEADER_LEN, SECTOR,
+    BROADCAST_MINOR, SECTOR,
 };
 
 /// Errors of the initiator.
@@ -213,13 +207,7 @@ pub struct Session {
     retired: HashMap<u32, u32>,
     stats: SessionStats,
     rx: Vec<u8>,
-    /// The receive ring (set up after discovery, which reads with `recv`); `None` when the
-    /// kernel refused it, then replies come through `recv` into `rx`.
-    ring: Option<RxRing>,
 }
-
-/// Ring slots: the deepest window (256 frames) twice over.
-const RING_FRAMES: usize = 512;
 
 impl Session {
     /// Opens `iface`, discovers `shelf.slot` (waiting up to `wait`), and IDENTIFYs it.
@@ -238,16 +226,7 @@ impl Session {
                 slot,
                 iface: iface.into(),
             })?;
-        // Slots for jumbo frames even on a smaller MTU (as the target's ring).
-        let geo = Geometry::new(
-            (sock.mtu() as usize).max(9000) + ETH_HEADER_LEN,
-            RING_FRAMES,
-        );
-        let ring = RxRing::new(std::os::fd::AsRawFd::as_raw_fd(&sock), geo)
-            .map_err(|e| log::warn!("{e}; receiving with recv"))
-            .ok();
         let mut s = Session {
-            ring,
             window: Window::new(target.bufcnt, 256),
             rtt: RttEstimator::new(Duration::from_millis(50), Duration::from_millis(200)),
             op_timeout: Duration::from_secs(30),
@@ -353,8 +332,7 @@ impl Session {
         0x8000_0000 | (self.next_tag & 0x7fff_ffff)
     }
 
-    /// Writes the AoE header with `tag` into `frame`.
-    fn stamp(&self, frame: &mut [u8], tag: u32) {
+    fn stamp_and_send(&mut self, frame: &mut [u8], tag: u32) -> std::io::Result<()> {
         let h = Header::request(
             self.target.mac,
             self.sock.mac(),
@@ -365,28 +343,8 @@ impl Session {
         );
         // The frame is at least the header long (padded_len >= 60).
         let _ = h.write(frame);
-    }
-
-    fn stamp_and_send(&mut self, frame: &mut [u8], tag: u32) -> std::io::Result<()> {
-        self.stamp(frame, tag);
         self.stats.sent += 1;
         self.sock.send(frame).map(|_| ())
-    }
-
-    /// Sends the frames of the in-flight requests `tags` with as few `sendmmsg` calls as
-    /// the kernel allows (one, normally).
-    fn send_batch(&mut self, tags: &[u32]) -> std::io::Result<()> {
-        let frames: Vec<(&[u8], Option<MappedRange<'_>>)> = tags
-            .iter()
-            .filter_map(|t| self.inflight.get(t))
-            .map(|o| (o.frame.as_slice(), None))
-            .collect();
-        let mut at = 0;
-        while at < frames.len() {
-            at += self.sock.send_many(&frames[at..])?;
-        }
-        self.stats.sent += at as u64;
-        Ok(())
     }
 
     /// Sends what the window allows, waits up to `wait` for replies, retransmits what timed
@@ -402,15 +360,12 @@ impl Session {
             done.push((*user, Err(InitiatorError::Timeout(self.op_timeout))));
             self.queue.pop_front();
         }
-        // Stamped and put in flight first, then sent together.
-        let mut fresh = Vec::new();
         while self.inflight.len() < self.window.size() as usize {
             let Some((user, mut frame, expect, submitted)) = self.queue.pop_front() else {
                 break;
             };
             let tag = self.new_tag();
-            self.stamp(&mut frame, tag);
-            fresh.push(tag);
+            self.stamp_and_send(&mut frame, tag)?;
             self.inflight.insert(
                 tag,
                 Outstanding {
@@ -424,7 +379,6 @@ impl Session {
                 },
             );
         }
-        self.send_batch(&fresh)?;
         let rto = self.rtt.rto();
         let next_timeout = self
             .inflight
@@ -432,49 +386,7 @@ impl Session {
             .map(|o| (o.sent_at + rto).saturating_duration_since(now))
             .min()
             .unwrap_or(wait);
-        let timeout = wait.min(next_timeout);
-        if self.ring.is_some() {
-            self.receive_ring(timeout, &mut done)?;
-        } else {
-            self.receive_recv(timeout, &mut done)?;
-        }
-        self.retransmit(&mut done)?;
-        Ok(done)
-    }
-
-    /// Takes every reply the ring holds, waiting up to `timeout` for the first.
-    fn receive_ring(
-        &mut self,
-        timeout: Duration,
-        done: &mut Vec<Completion>,
-    ) -> Result<(), InitiatorError> {
-        let Some(mut ring) = self.ring.take() else {
-            return Ok(());
-        };
-        let waited = if ring.ready() || timeout.is_zero() {
-            Ok(())
-        } else {
-            self.sock.wait_readable(timeout).map(|_| ())
-        };
-        // At most a ring's worth a call, so a flood cannot hold the loop here.
-        for _ in 0..RING_FRAMES {
-            let Some(frame) = ring.take() else {
-                break;
-            };
-            if let Some(c) = self.on_reply(frame.bytes()) {
-                done.push(c);
-            }
-        }
-        self.ring = Some(ring);
-        Ok(waited?)
-    }
-
-    /// Receives replies with `recv`, waiting up to `timeout` for the first.
-    fn receive_recv(
-        &mut self,
-        mut timeout: Duration,
-        done: &mut Vec<Completion>,
-    ) -> Result<(), InitiatorError> {
+        let mut timeout = wait.min(next_timeout);
         loop {
             let mut rx = std::mem::take(&mut self.rx);
             let got = self.sock.recv_timeout(&mut rx, timeout);
@@ -495,7 +407,8 @@ impl Session {
             self.rx = rx;
             timeout = Duration::ZERO;
         }
-        Ok(())
+        self.retransmit(&mut done)?;
+        Ok(done)
     }
 
     fn on_reply(&mut self, frame: &[u8]) -> Option<Completion> {
