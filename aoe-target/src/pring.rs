@@ -22,6 +22,8 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::sys::setsockopt;
+
 /// Offsets in a `tpacket2_hdr` (linux/if_packet.h).
 const TP_STATUS: usize = 0;
 const TP_SNAPLEN: usize = 8;
@@ -196,7 +198,8 @@ impl RxRing {
     pub fn new(fd: RawFd, geo: Geometry) -> Result<RxRing, RingError> {
         let err = |what| move |source| RingError::Setup { what, source };
         let version = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
-        setsockopt(fd, libc::PACKET_VERSION, &version).map_err(err("PACKET_VERSION"))?;
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)
+            .map_err(err("PACKET_VERSION"))?;
         let c = |n: usize| libc::c_uint::try_from(n).unwrap_or(libc::c_uint::MAX);
         let req = libc::tpacket_req {
             tp_block_size: c(geo.block_size),
@@ -204,7 +207,8 @@ impl RxRing {
             tp_frame_size: c(geo.frame_size),
             tp_frame_nr: c(geo.frame_nr),
         };
-        setsockopt(fd, libc::PACKET_RX_RING, &req).map_err(err("PACKET_RX_RING"))?;
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)
+            .map_err(err("PACKET_RX_RING"))?;
         // SAFETY: a new shared mapping chosen by the kernel of the ring just set up on a
         // valid socket, of exactly its size; the result is checked against MAP_FAILED.
         let p = unsafe {
@@ -226,7 +230,7 @@ impl RxRing {
                 tp_frame_size: 0,
                 tp_frame_nr: 0,
             };
-            let _ = setsockopt(fd, libc::PACKET_RX_RING, &none);
+            let _ = setsockopt(fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &none);
             return Err(RingError::Setup {
                 what: "mmap of the receive ring",
                 source,
@@ -265,19 +269,6 @@ impl Drop for RxRing {
         unsafe {
             libc::munmap(self.slots.base as *mut libc::c_void, self.len);
         }
-    }
-}
-
-fn setsockopt<T>(fd: RawFd, opt: libc::c_int, v: &T) -> io::Result<()> {
-    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: `v` is a valid value of the option's C type and its size is passed; the kernel
-    // only reads it.
-    let r = unsafe { libc::setsockopt(fd, libc::SOL_PACKET, opt, (v as *const T).cast(), len) };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 

@@ -135,31 +135,16 @@ impl PacketSocket {
             tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_usec: libc::suseconds_t::from(timeout.subsec_micros().min(999_999) as i32),
         };
-        // SAFETY: tv is a valid timeval and its size is passed; the fd is a valid socket.
-        cvt(unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        })
-        .map(|_| ())
+        setsockopt(
+            self.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv,
+        )
     }
 
     fn setsockopt(&self, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
-        // SAFETY: v is a valid c_int and its size is passed; the fd is a valid socket.
-        cvt(unsafe {
-            libc::setsockopt(
-                self.fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        })
-        .map(|_| ())
+        setsockopt(self.fd.as_raw_fd(), libc::SOL_SOCKET, opt, &v)
     }
 
     /// The interface's MAC address.
@@ -501,6 +486,21 @@ fn nowait_result(n: isize, want: usize) -> io::Result<Option<usize>> {
     }
     let n = n.unsigned_abs();
     Ok((n == want).then_some(n))
+}
+
+/// `setsockopt(2)` with `v` as the option's value: `T` must be the option's C type (an int, a
+/// `timeval`, a `tpacket_req`, ...).
+pub(crate) fn setsockopt<T>(
+    fd: RawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: &T,
+) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `v` is a live value of the option's C type and its size is passed; the kernel
+    // only reads it.
+    cvt(unsafe { libc::setsockopt(fd, level, opt, (v as *const T).cast(), len) }).map(|_| ())
 }
 
 #[cfg(test)]

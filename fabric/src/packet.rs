@@ -73,17 +73,14 @@ pub fn interface_mac(iface: &str) -> Result<[u8; 6], PacketError> {
         .ok_or_else(|| PacketError::Mac(iface.into()))
 }
 
-fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
-    // SAFETY: `v` is a live i32 and the length passed is its size; the kernel only reads it.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
+/// `setsockopt(2)` with `v` as the option's value: `T` must be the option's C type (an int, a
+/// `timeval`, a `tpacket_req`, ...).
+fn setsockopt<T>(fd: RawFd, level: i32, name: i32, v: &T) -> io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<T>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `v` is a live value of the option's C type and its size is passed; the kernel
+    // only reads it.
+    let r = unsafe { libc::setsockopt(fd, level, name, (v as *const T).cast(), len) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -134,9 +131,9 @@ impl PacketSocket {
         // FORCE needs CAP_NET_ADMIN; the plain option is capped by rmem_max.
         let big = 8 << 20;
         if ethertype != 0
-            && setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, big).is_err()
+            && setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &big).is_err()
         {
-            let _ = setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, big);
+            let _ = setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, &big);
         }
         Ok(PacketSocket {
             fd,
@@ -226,21 +223,7 @@ impl PacketSocket {
             tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
             tv_usec: libc::suseconds_t::from(t.subsec_micros() as i32),
         };
-        // SAFETY: `tv` is a live timeval and the length passed is its size; the kernel only
-        // reads it.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)
     }
 
     /// Receives one frame, sleeping in `recvfrom` (after [`PacketSocket::set_blocking`]) until
@@ -326,12 +309,8 @@ impl PacketSocket {
     /// Attaches a TPACKET_V2 receive ring of at least `slots` frames (whole 64 KiB blocks).
     pub fn rx_ring(&self, slots: usize) -> io::Result<RxRing> {
         let fd = self.fd.as_raw_fd();
-        setsockopt_int(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_VERSION,
-            libc::tpacket_versions::TPACKET_V2 as i32,
-        )?;
+        let version = libc::tpacket_versions::TPACKET_V2 as i32;
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
         let blocks = slots.div_ceil(RING_SLOTS_PER_BLOCK).max(1);
         let too_big = || io::Error::from(io::ErrorKind::InvalidInput);
         let req = libc::tpacket_req {
@@ -341,20 +320,7 @@ impl PacketSocket {
             tp_frame_size: RING_SLOT as u32,
             tp_frame_nr: u32::try_from(blocks * RING_SLOTS_PER_BLOCK).map_err(|_| too_big())?,
         };
-        // SAFETY: `req` is a live tpacket_req and the length passed is its size; the kernel only
-        // reads it.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_PACKET,
-                libc::PACKET_RX_RING,
-                (&req as *const libc::tpacket_req).cast(),
-                std::mem::size_of::<libc::tpacket_req>() as libc::socklen_t,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        setsockopt(fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
         let len = blocks * RING_SLOTS_PER_BLOCK * RING_SLOT;
         // SAFETY: maps the ring just configured on our own socket, shared with the kernel; the
         // result is checked and unmapped by `RxRing::drop`.
